@@ -1,0 +1,1 @@
+"""Durable instance store and the provenance database (SQLite by default, PostgreSQL by URL)."""
