@@ -1,0 +1,27 @@
+"""Shared test fixtures: real peers on loopback, free ports, temporary folders."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dcmtk(tool: str) -> str:
+    """Path of a Debian dcmtk tool; /usr/bin first, since a Python shim may shadow the name."""
+    for candidate in (Path("/usr/bin") / tool, Path("/bin") / tool):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which(tool)
+    if not found:
+        pytest.fail(f"dcmtk tool {tool!r} is not installed (apt-get install dcmtk)")
+    return found
