@@ -25,3 +25,19 @@ def dcmtk(tool: str) -> str:
     if not found:
         pytest.fail(f"dcmtk tool {tool!r} is not installed (apt-get install dcmtk)")
     return found
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SV-DRR model (VAE + CLIP, learned sigma) in the published layout, 32 px."""
+    from tests.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pixel-space model without VAE and CLIP, like the demo model, 64 px."""
+    from tests.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-pixel-model"), resolution=64, vae=False, clip=False)
