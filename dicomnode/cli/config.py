@@ -1,0 +1,89 @@
+"""``dicomnode config check``: load and validate the site configuration, print what it says.
+
+Run it after every edit of the site file and before restarting the node: the node itself loads the
+same file the same way, so a file that passes here starts (see :func:`dicomnode.config.load_settings`
+for where the file is looked for and how the environment overrides it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from dicomnode.cli.exitcodes import ExitCode
+from dicomnode.config import CONFIG_ENV, DEFAULT_CONFIG, Settings, load_settings, mask_database_url
+from dicomnode.errors import ConfigError
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``-c/--config PATH`` (default: ``$DICOMNODE_CONFIG``, else ``config/dicomnode.toml``)."""
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"site configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG} in the current folder)",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``config`` command and its ``check`` action."""
+    parser = subparsers.add_parser(
+        "config",
+        help="check the site configuration",
+        description="Work with the site configuration (TOML file, DICOMNODE_<SECTION>__<KEY> variables).",
+    )
+    parser.set_defaults(func=lambda args: _usage(parser))
+    actions = parser.add_subparsers(dest="config_action", metavar="ACTION")
+    check = actions.add_parser(
+        "check",
+        help="load and validate the configuration, print a summary",
+        description="Load and validate the configuration (file, then environment) and print a summary.",
+    )
+    add_config_argument(check)
+    check.set_defaults(func=check_command)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return ExitCode.USAGE
+
+
+def summary(settings: Settings) -> list[str]:
+    """Short human-readable lines describing ``settings``; database passwords are masked."""
+    node, security, engine = settings.node, settings.security, settings.engine
+    allowed = ", ".join(security.allowed_calling_ae_titles) or "any"
+    lines = [
+        f"configuration: {settings.source or '(built in code)'}",
+        f"node: AE {node.ae_title} on {node.bind_address}:{node.port}, "
+        f"TLS {'on' if security.tls_enabled else 'off'}, calling AEs allowed: {allowed}",
+        f"storage: {node.storage_dir}",
+        f"database: {mask_database_url(node.effective_database_url)}",
+        f"model: {engine.model} ({'found' if engine.model.is_dir() else 'missing'}), "
+        f"device {engine.device}, dtype {engine.dtype}, {engine.steps} steps",
+        f"peers: {len(settings.peers)}",
+    ]
+    lines += [
+        f"  {p.name}: {p.ae_title} at {p.host}:{p.port}{' (TLS)' if p.tls else ''}" for p in settings.peers
+    ]
+    lines.append(f"rules: {len(settings.rules)}")
+    for rule in settings.rules:
+        angles = ", ".join(f"{az:g}" if not el else f"{az:g}/{el:g}" for az, el in rule.views)
+        where = ", ".join(rule.destinations) or "store only"
+        state = "" if rule.enabled else " (disabled)"
+        lines.append(f"  {rule.name}{state}: {len(rule.views)} views [{angles}] -> {where}")
+    return lines
+
+
+def check_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Load the configuration named by ``args.config``; print a summary (0) or the error (CONFIG)."""
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        print(f"dicomnode: configuration error: {e}", file=sys.stderr)
+        return ExitCode.CONFIG
+    print("\n".join(summary(settings)), file=out or sys.stdout)
+    return ExitCode.OK
