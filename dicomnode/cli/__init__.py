@@ -20,7 +20,19 @@ from dicomnode.errors import ConfigError, NodeError
 logger = logging.getLogger(__name__)
 
 # Modules under dicomnode.cli, in the order their commands appear in --help.
-COMMAND_MODULES: tuple[str, ...] = ("synthesize",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "serve",
+    "status",
+    "echo",
+    "send",
+    "jobs",
+    "deliveries",
+    "provenance",
+    "synthesize",
+    "drr",
+    "config",
+    "db",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

