@@ -189,7 +189,8 @@ class SynthesisWorker:
             series_description_prefix=out.series_description_prefix,
             modality=out.modality,
             source_lossy=prepared.lossy,
-            request_key=request_key,
+            # Steps and guidance change the pixels, so they are part of the UIDs' identity too.
+            request_key=f"{request_key}|steps={engine.steps}|guidance={engine.guidance_scale:g}",
         )
         targets = [self._target(name) for name in destinations]
         total_s = time.perf_counter() - t0
