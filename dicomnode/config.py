@@ -114,8 +114,7 @@ def _check_text(key: str, value: str, max_length: int) -> None:
     """A non-empty single value of a text VR such as LO: no backslash, no control characters."""
     if not value.strip() or len(value) > max_length or "\\" in value or _CONTROL.search(value):
         raise ConfigError(
-            f"{key}: must be 1..{max_length} characters without backslash or control characters, "
-            f"got {value!r}"
+            f"{key}: must be 1..{max_length} characters without backslash or control characters, got {value!r}"
         )
 
 
@@ -169,9 +168,7 @@ class NodeSettings:
         if self.database_url:
             backend = _database_backend("node.database_url", self.database_url)
             if backend not in ("sqlite", "postgresql"):
-                raise ConfigError(
-                    f"node.database_url: must be a sqlite:// or postgresql:// URL, got {backend}://..."
-                )
+                raise ConfigError(f"node.database_url: must be a sqlite:// or postgresql:// URL, got {backend}://...")
 
     @property
     def effective_database_url(self) -> str:
@@ -294,13 +291,9 @@ class OutputSettings:
 
     def __post_init__(self) -> None:
         _check_fields(self, "output")
-        _check_range(
-            "output.series_number", self.series_number, SERIES_NUMBERS.start, SERIES_NUMBERS.stop - 1
-        )
+        _check_range("output.series_number", self.series_number, SERIES_NUMBERS.start, SERIES_NUMBERS.stop - 1)
         if not _CS_VALUE.fullmatch(self.modality):
-            raise ConfigError(
-                f"output.modality: must be a Code String (A-Z, 0-9, 1..16), got {self.modality!r}"
-            )
+            raise ConfigError(f"output.modality: must be a Code String (A-Z, 0-9, 1..16), got {self.modality!r}")
         # Series Description is LO (64 characters); the prefix leaves room for the view label.
         _check_text("output.series_description_prefix", self.series_description_prefix, 32)
         _check_text("output.manufacturer", self.manufacturer, 64)

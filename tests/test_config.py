@@ -76,11 +76,7 @@ def test_shipped_defaults() -> None:
     (rule,) = s.rules
     assert rule.name == "chest-radiograph" and rule.enabled
     assert "1.2.840.10008.5.1.4.1.1.1.1.1" in rule.sop_classes
-    assert (
-        rule.modalities == ("CR", "DX")
-        and rule.body_parts == ("CHEST", "")
-        and rule.view_positions == ("PA", "")
-    )
+    assert rule.modalities == ("CR", "DX") and rule.body_parts == ("CHEST", "") and rule.view_positions == ("PA", "")
     assert rule.azimuths == (-90.0, -60.0, -30.0, 30.0, 60.0, 90.0) and rule.elevations == (0.0,) * 6
     assert rule.destinations == ("pacs",)
 
@@ -304,9 +300,7 @@ def test_bad_override_names_its_source(tmp_path: Path) -> None:
         load_settings(path, env={}, overrides={"engine.steps": 0})
 
 
-def test_relative_paths_resolve_against_config_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_relative_paths_resolve_against_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     site = tmp_path / "site"
     (site / "tls").mkdir(parents=True)
     for name in ("node.crt", "node.key"):
@@ -341,9 +335,7 @@ def test_objects_built_in_code_are_validated(tmp_path: Path) -> None:
     node = NodeSettings(storage_dir=tmp_path, ae_title="  PADDED ", database_url="postgresql://u:secret@db/x")
     assert node.ae_title == "PADDED" and node.effective_database_url == "postgresql://u:secret@db/x"
     s = load_settings(write(tmp_path, MINIMAL), env={})
-    with pytest.raises(
-        ConfigError, match=r"rules\[chest\]\.destinations: unknown peer 'pacs' \(peers: none\)"
-    ):
+    with pytest.raises(ConfigError, match=r"rules\[chest\]\.destinations: unknown peer 'pacs' \(peers: none\)"):
         Settings(node=s.node, engine=s.engine, rules=s.rules)
 
 

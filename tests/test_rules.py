@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.config import LoopPreventionSettings, load_settings
 from dicomnode.errors import ConfigError
@@ -21,7 +21,18 @@ CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 OUR_DEVICE_UID = generate_uid()
-STRICT = LoopPreventionSettings()
+DEFAULT = LoopPreventionSettings()  # skip_derived = "secondary"
+ALL_DERIVED = LoopPreventionSettings(skip_derived="all")
+NO_DERIVED = LoopPreventionSettings(skip_derived="none")
+SECONDARY_REASON = 'Image Type (0008,0008) is DERIVED\\SECONDARY (loop_prevention.skip_derived = "secondary")'
+ALL_REASON = 'Image Type (0008,0008) value 1 is DERIVED (loop_prevention.skip_derived = "all")'
+
+
+def pydicom_file(name: str) -> str:
+    """Path of a real file shipped in pydicom-data."""
+    path = get_testdata_file(name, read=False)
+    assert isinstance(path, str), name
+    return path
 
 
 def radiograph(**attributes: object) -> Dataset:
@@ -41,7 +52,7 @@ def radiograph(**attributes: object) -> Dataset:
         else:
             setattr(ds, keyword, value)
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CR
+    ds.file_meta.MediaStorageSOPClassUID = UID(CR)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
@@ -86,9 +97,7 @@ def test_facts_from_a_written_and_read_radiograph(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
 def test_facts_from_odd_and_missing_values(tmp_path: Path) -> None:
-    ds = radiograph(
-        SOPClassUID=None, BodyPartExamined=None, ViewPosition="", ImageType="derived", SyntheticData="yes"
-    )
+    ds = radiograph(SOPClassUID=None, BodyPartExamined=None, ViewPosition="", ImageType="derived", SyntheticData="yes")
     ds.ContributingEquipmentSequence = [Dataset(), equipment("  Acme ", None, MODIFYING)]
     facts = facts_from_dataset(round_trip(ds, tmp_path))
     assert facts.sop_class_uid == CR  # from the File Meta Information
@@ -112,7 +121,7 @@ def test_facts_from_malformed_raw_elements() -> None:
 
 
 def test_facts_from_real_radiographs() -> None:
-    chest = facts_from_dataset(pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm", read=False)))
+    chest = facts_from_dataset(pydicom.dcmread(pydicom_file("RG1_UNCR.dcm")))
     assert (chest.sop_class_uid, chest.modality, chest.body_part_examined, chest.view_position) == (
         CR,
         "CR",
@@ -121,7 +130,7 @@ def test_facts_from_real_radiographs() -> None:
     )
     shipped = load_settings(REPO / "config" / "dicomnode.toml", env={})
     assert [r.name for r in matching_rules(shipped.rules, chest)] == ["chest-radiograph"]
-    limb = facts_from_dataset(pydicom.dcmread(get_testdata_file("RG3_UNCR.dcm", read=False)))
+    limb = facts_from_dataset(pydicom.dcmread(pydicom_file("RG3_UNCR.dcm")))
     assert limb.body_part_examined == "EXTREMITY" and matching_rules(shipped.rules, limb) == []
 
 
@@ -188,13 +197,14 @@ def test_invalid_rules_name_the_rule(kw: dict[str, object], message: str) -> Non
 
 def test_plain_radiograph_is_processed(tmp_path: Path) -> None:
     facts = facts_from_dataset(round_trip(radiograph(), tmp_path))
-    assert loop_reason(facts, STRICT, {OUR_DEVICE_UID}, "dicomnode") is None
+    assert loop_reason(facts, DEFAULT, {OUR_DEVICE_UID}, "dicomnode") is None
 
 
 def test_synthetic_data_is_never_processed(tmp_path: Path) -> None:
     facts = facts_from_dataset(round_trip(radiograph(SyntheticData="YES"), tmp_path))
-    lenient = LoopPreventionSettings(skip_derived=False, skip_own_device=False)
-    assert loop_reason(facts, lenient, (), "") == "Synthetic Data (0008,001C) is YES"
+    for skip_derived in ("secondary", "all", "none"):
+        lenient = LoopPreventionSettings(skip_derived=skip_derived, skip_own_device=False)
+        assert loop_reason(facts, lenient, (), "") == "Synthetic Data (0008,001C) is YES"
     assert facts_from_dataset(radiograph(SyntheticData="NO")).synthetic_data is False
 
 
@@ -206,14 +216,11 @@ def test_our_device_uid_is_never_processed(tmp_path: Path) -> None:
         equipment("X", OUR_DEVICE_UID, MODIFYING),
     ]
     facts = facts_from_dataset(round_trip(ds, tmp_path))
-    assert loop_reason(facts, STRICT, [OUR_DEVICE_UID], "dicomnode") == (
+    assert loop_reason(facts, DEFAULT, [OUR_DEVICE_UID], "dicomnode") == (
         f"Contributing Equipment (0018,A001) names this node's Device UID {OUR_DEVICE_UID}"
     )
-    assert loop_reason(facts, STRICT, [generate_uid()], "dicomnode") is None
-    assert (
-        loop_reason(facts, LoopPreventionSettings(skip_own_device=False), [OUR_DEVICE_UID], "dicomnode")
-        is None
-    )
+    assert loop_reason(facts, DEFAULT, [generate_uid()], "dicomnode") is None
+    assert loop_reason(facts, LoopPreventionSettings(skip_own_device=False), [OUR_DEVICE_UID], "dicomnode") is None
 
 
 def test_our_manufacturer_as_synthesizing_equipment_is_never_processed(tmp_path: Path) -> None:
@@ -221,35 +228,55 @@ def test_our_manufacturer_as_synthesizing_equipment_is_never_processed(tmp_path:
     ds.ContributingEquipmentSequence = [equipment("DicomNode", generate_uid(), SYNTHESIZING)]
     facts = facts_from_dataset(round_trip(ds, tmp_path))
     assert facts.contributing_manufacturers == ("DicomNode",)
-    reason = loop_reason(facts, STRICT, [OUR_DEVICE_UID], "dicomnode")
+    reason = loop_reason(facts, DEFAULT, [OUR_DEVICE_UID], "dicomnode")
     assert reason is not None and "Synthesizing Equipment (109100)" in reason
-    assert loop_reason(facts, STRICT, [OUR_DEVICE_UID], "someone else") is None
+    assert loop_reason(facts, DEFAULT, [OUR_DEVICE_UID], "someone else") is None
     # The same manufacturer in another role (e.g. it only modified the image) is not a loop.
     ds.ContributingEquipmentSequence = [equipment("dicomnode", None, MODIFYING)]
-    assert loop_reason(facts_from_dataset(ds), STRICT, [OUR_DEVICE_UID], "dicomnode") is None
+    assert loop_reason(facts_from_dataset(ds), DEFAULT, [OUR_DEVICE_UID], "dicomnode") is None
 
 
-def test_derived_image_type_is_skipped_when_configured(tmp_path: Path) -> None:
-    facts = facts_from_dataset(round_trip(radiograph(ImageType=["DERIVED", "SECONDARY"]), tmp_path))
-    assert loop_reason(facts, STRICT, (), "dicomnode") == "Image Type (0008,0008) value 1 is DERIVED"
-    assert loop_reason(facts, LoopPreventionSettings(skip_derived=False), (), "dicomnode") is None
-    # Only value 1 counts.
-    other = facts_from_dataset(radiograph(ImageType=["ORIGINAL", "PRIMARY", "DERIVED"]))
-    assert loop_reason(other, STRICT, (), "dicomnode") is None
+def test_derived_secondary_is_skipped_unless_none(tmp_path: Path) -> None:
+    """Our own output and every Secondary Capture are DERIVED\\SECONDARY (PS3.3 C.7.6.1.1.2)."""
+    facts = facts_from_dataset(round_trip(radiograph(ImageType=["DERIVED", "SECONDARY", "AXIAL"]), tmp_path))
+    assert loop_reason(facts, DEFAULT, (), "dicomnode") == SECONDARY_REASON
+    assert loop_reason(facts, ALL_DERIVED, (), "dicomnode") == ALL_REASON
+    assert loop_reason(facts, NO_DERIVED, (), "dicomnode") is None
+
+
+def test_derived_primary_is_skipped_only_under_all(tmp_path: Path) -> None:
+    facts = facts_from_dataset(round_trip(radiograph(ImageType=["DERIVED", "PRIMARY"]), tmp_path))
+    assert loop_reason(facts, DEFAULT, (), "dicomnode") is None
+    assert loop_reason(facts, ALL_DERIVED, (), "dicomnode") == ALL_REASON
+    assert loop_reason(facts, NO_DERIVED, (), "dicomnode") is None
+    # Only values 1 and 2 count, in that order; a DERIVED with no value 2 is not SECONDARY.
+    for image_type in (["ORIGINAL", "PRIMARY", "DERIVED"], ["ORIGINAL", "SECONDARY"], ["DERIVED"]):
+        other = facts_from_dataset(radiograph(ImageType=image_type))
+        assert loop_reason(other, DEFAULT, (), "dicomnode") is None, image_type
+    assert loop_reason(facts_from_dataset(radiograph(ImageType="DERIVED")), ALL_DERIVED, (), "") == ALL_REASON
+
+
+def test_synthetic_derived_secondary_names_synthetic_data(tmp_path: Path) -> None:
+    """Synthetic Data is checked first, whatever skip_derived says (our own output carries both)."""
+    ds = radiograph(ImageType=["DERIVED", "SECONDARY"], SyntheticData="YES")
+    facts = facts_from_dataset(round_trip(ds, tmp_path))
+    for flags in (DEFAULT, ALL_DERIVED, NO_DERIVED):
+        assert loop_reason(facts, flags, (), "dicomnode") == "Synthetic Data (0008,001C) is YES"
 
 
 def test_loop_reason_takes_whole_settings() -> None:
     shipped = load_settings(REPO / "config" / "dicomnode.toml", env={})
-    facts = InstanceFacts(image_type=("DERIVED", "PRIMARY"))
-    assert (
-        loop_reason(facts, shipped, (), shipped.output.manufacturer)
-        == "Image Type (0008,0008) value 1 is DERIVED"
-    )
+    assert shipped.loop_prevention.skip_derived == "secondary"
+    secondary = InstanceFacts(image_type=("DERIVED", "SECONDARY"))
+    assert loop_reason(secondary, shipped, (), shipped.output.manufacturer) == SECONDARY_REASON
+    primary = InstanceFacts(image_type=("DERIVED", "PRIMARY"))
+    assert loop_reason(primary, shipped, (), shipped.output.manufacturer) is None
 
 
-def test_real_chest_cr_is_derived_primary() -> None:
-    """Documents a consequence of skip_derived = true: many real CRs are DERIVED\\PRIMARY and are skipped."""
-    chest = facts_from_dataset(pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm", read=False)))
+def test_real_chest_cr_is_derived_primary_and_processed() -> None:
+    """A real processed chest PA from a CR reader is DERIVED\\PRIMARY: processed unless skip_derived = "all"."""
+    chest = facts_from_dataset(pydicom.dcmread(pydicom_file("RG1_UNCR.dcm")))
     assert chest.image_type[:2] == ("DERIVED", "PRIMARY")
-    assert loop_reason(chest, STRICT, (), "dicomnode") == "Image Type (0008,0008) value 1 is DERIVED"
-    assert loop_reason(chest, LoopPreventionSettings(skip_derived=False), (), "dicomnode") is None
+    assert loop_reason(chest, DEFAULT, (), "dicomnode") is None
+    assert loop_reason(chest, NO_DERIVED, (), "dicomnode") is None
+    assert loop_reason(chest, ALL_DERIVED, (), "dicomnode") == ALL_REASON
