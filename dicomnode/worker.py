@@ -200,8 +200,8 @@ class SynthesisWorker:
                 if row is None:  # a retried job finds what its first attempt already stored
                     stored = self.store.write_dataset(ds)
                     fields = fields_from_dataset(ds)
-                    fields.update(path=stored.path, sha256=stored.sha256, size_bytes=stored.size_bytes)
-                    row = record_instance(session, origin="derived", synthetic=True, **fields)
+                    fields.update(path=stored.path, sha256=stored.sha256, size_bytes=stored.size_bytes, synthetic=True)
+                    row = record_instance(session, origin="derived", **fields)
                     record_output(
                         session,
                         job_id=job_id,

@@ -1,0 +1,135 @@
+"""The synthesis worker in-process: intake -> claim -> synthesise -> store -> outputs, retries."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from dicomnode.config import Settings, load_settings
+from dicomnode.intake import Intake
+from dicomnode.worker import SynthesisWorker, backoff_s
+from storage.db import make_engine, session_factory, upgrade
+from storage.instances import fields_from_dataset, record_instance
+from storage.models import Delivery, Instance, Job, Output, utcnow
+from storage.store import InstanceStore
+from tests.peers import node_config
+
+
+def settings_for(tmp_path: Path, model: Path, azimuths: str = "[-30, 30, 90]") -> Settings:
+    return load_settings(node_config(tmp_path, port=11112, model=model, pacs_port=None, settle_s=0, azimuths=azimuths))
+
+
+def receive(settings: Settings, ds: pydicom.Dataset) -> int:
+    """What the SCP does for a C-STORE, minus the network: write, record, intake, commit."""
+    engine = make_engine(settings.node.effective_database_url)
+    upgrade(engine)
+    store = InstanceStore(settings.node.storage_dir, 2**20)
+    stored = store.write_dataset(ds)
+    with session_factory(engine).begin() as session:
+        fields = fields_from_dataset(ds)
+        fields.update(path=stored.path, sha256=stored.sha256, size_bytes=stored.size_bytes)
+        row = record_instance(session, origin="received", **fields)
+        Intake(settings)(session, row, ds)
+        return row.id
+
+
+def chest(sop_uid: str | None = None) -> pydicom.Dataset:
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    return ds
+
+
+def test_job_runs_to_derived_instances_and_outputs(tmp_path: Path, tiny_pixel_model_dir: Path) -> None:
+    settings = settings_for(tmp_path, tiny_pixel_model_dir)
+    receive(settings, chest())
+    worker = SynthesisWorker(settings, "test-worker")
+    assert worker.run_once() is True
+    assert worker.run_once() is False  # nothing else due
+    with worker.sessions() as session:
+        job = session.query(Job).one()
+        assert job.state == "done", job.last_error
+        derived = session.query(Instance).filter_by(origin="derived").all()
+        assert len(derived) == 3 and all(d.synthetic for d in derived)
+        outputs = session.query(Output).order_by(Output.azimuth).all()
+        assert [o.azimuth for o in outputs] == [-30.0, 30.0, 90.0]
+        assert {o.model_identity for o in outputs} == {worker.model.identity}
+        assert session.query(Delivery).count() == 0  # the rule has no destinations
+        for row in derived:
+            ds = worker.store.open_dataset(row.path)
+            assert ds.SyntheticData == "YES" and ds.StudyInstanceUID == job.input_instance.study_instance_uid
+        uids = sorted(d.sop_instance_uid for d in derived)
+        job.state = "queued"  # a retried job (say, after a crash before the commit of 'done')
+        session.commit()
+    assert worker.run_once() is True
+    with worker.sessions() as session:
+        again = sorted(d.sop_instance_uid for d in session.query(Instance).filter_by(origin="derived"))
+        assert again == uids, "a re-run finds its own deterministic UIDs; nothing is duplicated"
+
+
+def test_our_output_received_back_makes_no_job(tmp_path: Path, tiny_pixel_model_dir: Path) -> None:
+    settings = settings_for(tmp_path, tiny_pixel_model_dir, azimuths="[45]")
+    receive(settings, chest())
+    worker = SynthesisWorker(settings, "w")
+    worker.run_once()
+    with worker.sessions() as session:
+        row = session.query(Instance).filter_by(origin="derived").one()
+    own = worker.store.open_dataset(row.path)
+    own.SOPInstanceUID = own.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    own.Modality = "CR"
+    receive(settings, own)
+    with worker.sessions() as session:
+        assert session.query(Job).count() == 1
+
+
+def test_missing_model_parks_the_job(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, tmp_path / "absent")
+    receive(settings, chest())
+    worker = SynthesisWorker(settings, "w")
+    assert worker.run_once() is True
+    with worker.sessions() as session:
+        job = session.query(Job).one()
+        assert job.state == "waiting_model" and "does not exist" in job.last_error and job.attempts == 0
+
+
+def test_failures_back_off_then_fail(tmp_path: Path, tiny_pixel_model_dir: Path) -> None:
+    settings = settings_for(tmp_path, tiny_pixel_model_dir)
+    receive(settings, chest())
+    worker = SynthesisWorker(settings, "w")
+    with worker.sessions() as session:
+        (worker.store.root / session.query(Instance).one().path).unlink()  # the input vanished
+    for attempt in range(1, settings.scheduler.max_attempts + 1):
+        with worker.sessions.begin() as session:
+            session.query(Job).update({"not_before": utcnow() - timedelta(seconds=1)})
+        assert worker.run_once() is True
+        with worker.sessions() as session:
+            job = session.query(Job).one()
+            assert job.attempts == attempt and job.last_error
+    assert job.state == "failed"
+
+
+def test_backoff_doubles_and_caps() -> None:
+    assert [backoff_s(a, 10, 60) for a in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
+
+
+@pytest.mark.parametrize("settle_s", [30.0])
+def test_settle_delay_is_per_study_and_debounced(tmp_path: Path, tiny_pixel_model_dir: Path, settle_s: float) -> None:
+    path = node_config(tmp_path, port=11112, model=tiny_pixel_model_dir, pacs_port=None, settle_s=settle_s)
+    settings = load_settings(path)
+    first = chest()
+    receive(settings, first)
+    with session_factory(make_engine(settings.node.effective_database_url))() as session:
+        first_due = session.query(Job).one().not_before
+    second = chest()
+    second.StudyInstanceUID = first.StudyInstanceUID
+    receive(settings, second)
+    with session_factory(make_engine(settings.node.effective_database_url))() as session:
+        jobs = session.query(Job).order_by(Job.id).all()
+        assert len(jobs) == 2
+        assert jobs[0].not_before > first_due, "a new instance in the study pushes the study's jobs back"
+        assert jobs[0].not_before == jobs[1].not_before
+    assert SynthesisWorker(settings, "w").run_once() is False  # nothing due while the study settles
