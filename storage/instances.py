@@ -1,0 +1,115 @@
+"""Recording and finding stored instances, and the primitive of the duplicate policy.
+
+Functions here take the caller's ``Session`` and flush, but never commit: the caller decides the
+unit of work (for a C-STORE: file written, row recorded, commit, then the success status).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydicom.dataset import Dataset
+from sqlalchemy import String, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from dicomnode.errors import DicomInputError, StorageError
+from storage.models import Instance
+
+logger = logging.getLogger(__name__)
+
+Resend = Literal["identical", "conflict"]
+
+
+# DICOM keyword -> Instance column, for the values copied as they are.
+_COPIED: dict[str, str] = {
+    "SOPInstanceUID": "sop_instance_uid",
+    "SOPClassUID": "sop_class_uid",
+    "StudyInstanceUID": "study_instance_uid",
+    "SeriesInstanceUID": "series_instance_uid",
+    "Modality": "modality",
+    "BodyPartExamined": "body_part_examined",
+    "ViewPosition": "view_position",
+}
+_REQUIRED = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def fields_from_dataset(ds: Dataset) -> dict[str, Any]:
+    """The ``Instance`` columns a dataset decides, read from its DICOM attributes.
+
+    Synthetic Data (0008,001C) YES marks the instance synthetic; the caller sets ``synthetic``
+    for instances it derived itself. Transfer Syntax UID comes from the File Meta Information.
+    A value longer than its VR allows (PS3.5 6.2), which the column could not hold on every
+    backend, is a ``DicomInputError`` here rather than a database error later.
+    """
+    missing = [kw for kw in _REQUIRED if not ds.get(kw)]
+    if missing:
+        raise DicomInputError(f"dataset {ds.get('SOPInstanceUID', '?')} lacks {', '.join(missing)}")
+    file_meta = getattr(ds, "file_meta", None)
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if not transfer_syntax:
+        raise DicomInputError(f"dataset {ds.SOPInstanceUID} has no Transfer Syntax UID in its file meta")
+    fields: dict[str, Any] = {column: str(ds.get(kw) or "") or None for kw, column in _COPIED.items()}
+    fields["transfer_syntax_uid"] = str(transfer_syntax)
+    for keyword, column in (*_COPIED.items(), ("TransferSyntaxUID", "transfer_syntax_uid")):
+        column_type = Instance.__table__.c[column].type
+        length = column_type.length if isinstance(column_type, String) else None
+        if fields[column] is not None and length is not None and len(fields[column]) > length:
+            raise DicomInputError(
+                f"dataset {ds.SOPInstanceUID}: {keyword} {fields[column]!r} is longer than {length} characters"
+            )
+    image_type = ds.get("ImageType")
+    if image_type is not None and not isinstance(image_type, str):
+        image_type = "\\".join(str(v) for v in image_type)
+    fields["image_type"] = image_type or None
+    fields["synthetic"] = str(ds.get("SyntheticData", "")).upper() == "YES"
+    return fields
+
+
+def record_instance(session: Session, **fields: Any) -> Instance:
+    """Add an ``Instance`` row built from ``fields`` (column names) and flush it.
+
+    Raises ``StorageError`` when the row breaks a constraint (a SOP Instance UID or path already
+    recorded, a missing required column) or the database fails; the session must then be rolled
+    back.
+    """
+    instance = Instance(**fields)
+    session.add(instance)
+    try:
+        session.flush()
+    except SQLAlchemyError as e:
+        uid = fields.get("sop_instance_uid")
+        raise StorageError(f"cannot record instance {uid!r}: {getattr(e, 'orig', e)}") from e
+    logger.debug("recorded instance %d (%s) at %s", instance.id, instance.origin, instance.path)
+    return instance
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    """The recorded instance with this SOP Instance UID, if any."""
+    return session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).first()
+
+
+def list_instances(
+    session: Session,
+    *,
+    study_instance_uid: str | None = None,
+    origin: str | None = None,
+    limit: int = 100,
+) -> list[Instance]:
+    """Recorded instances, newest first, optionally of one study or one origin."""
+    query = select(Instance).order_by(Instance.received_at.desc(), Instance.id.desc()).limit(limit)
+    if study_instance_uid is not None:
+        query = query.where(Instance.study_instance_uid == study_instance_uid)
+    if origin is not None:
+        query = query.where(Instance.origin == origin)
+    return list(session.scalars(query))
+
+
+def classify_resend(existing: Instance, sha256: str) -> Resend:
+    """Whether a re-sent SOP Instance UID carries the same bytes as the one we hold.
+
+    A UID names one object (PS3.3 C.12.1.1.1); the same UID with other bytes is a conflict the
+    caller's duplicate policy must decide on, never a silent overwrite.
+    """
+    return "identical" if existing.sha256 == sha256.lower() else "conflict"

@@ -1,0 +1,203 @@
+"""The durable instance store: DICOM files on disk, written so that none is ever half there.
+
+A C-STORE is acknowledged with success only once the instance is on disk and recorded (PS3.4
+B.2.3 leaves what "stored" means to the SCP; we take it to mean durable). ``write`` therefore:
+checks the free-space watermark, writes a temporary file in the destination folder, flushes and
+fsyncs it, renames it atomically onto its final name and fsyncs the folder so the rename itself
+survives a power cut. Final names are generated (``yyyy/mm/dd/<uuid4>.dcm``), never taken from a
+UID or any other received value, so no peer can choose a path in our tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicomnode.errors import DicomInputError, StorageError
+
+logger = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".partial-"
+SUFFIX = ".dcm"
+PREAMBLE_LENGTH = 128
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where an instance now lies in the store (a relative POSIX path) and what it holds."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+
+    def __post_init__(self) -> None:
+        relative = PurePosixPath(self.path)
+        if relative.is_absolute() or ".." in relative.parts or not self.path:
+            raise ValueError(f"stored path {self.path!r} must be relative to the store root")
+        if not _SHA256.fullmatch(self.sha256):
+            raise ValueError(f"sha256 {self.sha256!r} is not 64 lowercase hex digits")
+        if self.size_bytes < 0:
+            raise ValueError(f"size_bytes {self.size_bytes} is negative")
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_part10(data: bytes) -> None:
+    """A Part 10 file: 128-byte preamble, then "DICM" (PS3.10 7.1); the store holds nothing else."""
+    if data[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] != b"DICM":
+        raise DicomInputError(f"not a DICOM Part 10 file ({len(data)} bytes, no 'DICM' prefix after the preamble)")
+
+
+class InstanceStore:
+    """DICOM files under ``root``, refusing new writes when free space drops below a watermark.
+
+    ``min_free_bytes`` is the space (bytes) that must remain free on the filesystem after a write;
+    below it the store refuses, so the database, logs and the OS never run out of room.
+    """
+
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        if min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes {min_free_bytes} is negative")
+        self.root = Path(root).expanduser().absolute()
+        self.min_free_bytes = min_free_bytes
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create the store root {self.root}: {e}") from e
+
+    def __repr__(self) -> str:
+        return f"InstanceStore(root={str(self.root)!r}, min_free_bytes={self.min_free_bytes})"
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the store's filesystem."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def write(self, data: bytes | Dataset) -> StoredFile:
+        """Store one Part 10 file (encoded bytes, or a dataset with file meta) durably.
+
+        Raises ``StorageError`` when free space would fall below the watermark or any step of the
+        write fails; in both cases neither a temporary nor a final file is left behind.
+        """
+        if isinstance(data, Dataset):
+            return self.write_dataset(data)
+        data = bytes(data)
+        _check_part10(data)
+        free = self.free_bytes()
+        if free - len(data) < self.min_free_bytes:
+            raise StorageError(
+                f"store {self.root} is full: {free} bytes free, writing {len(data)} would leave less "
+                f"than the {self.min_free_bytes} bytes watermark"
+            )
+        now = datetime.now(UTC)
+        relative = PurePosixPath(f"{now:%Y}", f"{now:%m}", f"{now:%d}", f"{uuid.uuid4().hex}{SUFFIX}")
+        final = self.root.joinpath(*relative.parts)
+        temp = final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+        renamed = False
+        try:
+            self._make_folders(final.parent)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, final)
+            renamed = True
+            _fsync_directory(final.parent)
+        except OSError as e:
+            leftover = final if renamed else temp
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                logger.exception("could not remove %s after a failed write", leftover)
+            raise StorageError(f"writing {len(data)} bytes under {self.root} failed: {e}") from e
+        stored = StoredFile(str(relative), hashlib.sha256(data).hexdigest(), len(data))
+        logger.debug("stored %d bytes at %s", stored.size_bytes, stored.path)
+        return stored
+
+    def write_dataset(self, ds: Dataset) -> StoredFile:
+        """Encode ``ds`` with its File Meta Information (PS3.10 7.1) and store it."""
+        buffer = io.BytesIO()
+        try:
+            ds.save_as(buffer, enforce_file_format=True)
+        except (AttributeError, ValueError, TypeError) as e:
+            uid = ds.get("SOPInstanceUID", "?")
+            raise DicomInputError(f"dataset {uid} cannot be encoded as a Part 10 file: {e}") from e
+        return self.write(buffer.getvalue())
+
+    def absolute(self, path: str) -> Path:
+        """The absolute location of a stored relative ``path``; refuses anything outside the root."""
+        relative = PurePosixPath(path)
+        if not path or relative.is_absolute() or ".." in relative.parts:
+            raise StorageError(f"path {path!r} is not a relative path inside the store {self.root}")
+        return self.root.joinpath(*relative.parts)
+
+    def read(self, path: str) -> bytes:
+        """The stored bytes at ``path``."""
+        location = self.absolute(path)
+        try:
+            return location.read_bytes()
+        except OSError as e:
+            raise StorageError(f"cannot read stored file {path!r} under {self.root}: {e}") from e
+
+    def open_dataset(self, path: str) -> Dataset:
+        """The stored file at ``path``, parsed (pixel data is decoded only when accessed)."""
+        location = self.absolute(path)
+        try:
+            return pydicom.dcmread(location)
+        except OSError as e:
+            raise StorageError(f"cannot read stored file {path!r} under {self.root}: {e}") from e
+        except InvalidDicomError as e:
+            raise StorageError(f"stored file {path!r} under {self.root} is not valid DICOM: {e}") from e
+
+    def discard_partial_files(self) -> int:
+        """Remove temporary files a crash left mid-write; run at start, before accepting stores.
+
+        They were never acknowledged nor recorded, so nothing refers to them.
+        """
+        removed = 0
+        for leftover in self.root.rglob(f"{TEMP_PREFIX}*"):
+            try:
+                leftover.unlink()
+                removed += 1
+            except OSError as e:
+                raise StorageError(f"cannot remove partial file {leftover}: {e}") from e
+        if removed:
+            logger.warning("removed %d partial files left by an interrupted write under %s", removed, self.root)
+        return removed
+
+    def _make_folders(self, folder: Path) -> None:
+        """Create ``folder`` and missing parents, fsyncing each parent so the new entries persist."""
+        missing: list[Path] = []
+        current = folder
+        while not current.exists() and current != self.root:
+            missing.append(current)
+            current = current.parent
+        for created in reversed(missing):
+            try:
+                created.mkdir()
+            except FileExistsError:
+                continue  # another writer made it first: it is there, which is all we need
+            _fsync_directory(created.parent)
