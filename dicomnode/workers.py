@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.worker import worker_main
-from storage.jobs import requeue_running_jobs
+from dicomnode.worker import backoff_s, worker_main
+from storage.jobs import fail_job, requeue_running_jobs
+from storage.models import Job
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +71,18 @@ class WorkerPool:
             proc = self.processes.get(worker_id)
             if proc is not None and not proc.is_alive():
                 logger.error("worker %s exited with code %s; restarting it", worker_id, proc.exitcode)
-                with self.sessions.begin() as session:
-                    requeue_running_jobs(session, claimed_by=worker_id)
+                self._fail_jobs_of(worker_id, proc.exitcode)
                 self._spawn(index, worker_id)
+
+    def _fail_jobs_of(self, worker_id: str, exitcode: int | None) -> None:
+        """The job a worker held when it died counts as a failed attempt (with backoff), so an
+        input that crashes the engine every time ends 'failed' instead of looping forever."""
+        s = self.settings.scheduler
+        with self.sessions.begin() as session:
+            running = session.scalars(select(Job).where(Job.state == "running", Job.claimed_by == worker_id)).all()
+            for job in running:
+                delay = backoff_s(job.attempts + 1, s.backoff_initial_s, s.backoff_max_s)
+                fail_job(session, job.id, f"worker process died (exit code {exitcode})", timedelta(seconds=delay))
 
     def alive(self) -> int:
         return sum(1 for p in self.processes.values() if p.is_alive())
