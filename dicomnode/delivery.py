@@ -54,7 +54,8 @@ def _deliver_series(
     s = settings.scheduler
     try:
         peer = settings.peer(peer_name)
-        results = send(peer, settings.node.ae_title, [store.absolute(path) for _, _, path, _ in items])
+        paths = [store.absolute(path) for _, _, path, _ in items]
+        results = send(peer, settings.node.ae_title, paths, security=settings.security)
     except Exception as e:  # the whole series failed: no association, unknown peer, unreadable file
         error = str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
         logger.warning("series %s to %s: %s", series_uid, peer_name, error)
