@@ -138,7 +138,7 @@ def test_storescu_to_node_to_orthanc(tmp_path: Path, orthanc: Orthanc, model_dir
         code = node.terminate() if node.proc and node.proc.poll() is None else node.proc.returncode
         node.stop()
     assert code == 0, node.log()
-    assert len(orthanc.get("/series")) == 2
+    assert len(orthanc.get("/series")) == 1  # only the derived series went to the PACS, nothing twice
 
 
 def test_hard_kill_with_queued_jobs_then_restart_completes_everything(
