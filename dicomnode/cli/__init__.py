@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "provenance",
     "synthesize",
     "drr",
+    "train",
     "config",
     "db",
 )
