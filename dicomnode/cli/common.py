@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import re
 from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings, load_settings
+
+_NUMBER = r"-?(\d+\.?\d*|\.\d+)"
+_ANGLE_LIST = re.compile(rf"^-(\d+\.?\d*|\.\d+)(,{_NUMBER})*$")
+
+
+def accept_negative_lists(parser: argparse.ArgumentParser) -> None:
+    """Let "--azimuths -90,-45,0" work as written.
+
+    argparse takes a value starting with "-" for an option unless it looks like one negative
+    number; widen that test to comma-separated lists of numbers.
+    """
+    parser._negative_number_matcher = _ANGLE_LIST  # type: ignore[attr-defined]
 
 
 def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:

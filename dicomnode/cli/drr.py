@@ -9,16 +9,14 @@ cephalad beam). torch and DiffDRR load only when the command runs.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
+from dicomnode.cli.common import accept_negative_lists
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import SynthesisError
 
 DEFAULT_AZIMUTHS = "-90,-60,-30,0,30,60,90"
-_NUMBER = r"-?(\d+\.?\d*|\.\d+)"
-_ANGLE_LIST = re.compile(rf"^-(\d+\.?\d*|\.\d+)(,{_NUMBER})*$")
 
 
 def _angles(text: str) -> list[float]:
@@ -78,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
     # Let "--azimuths -90,-45,0" work as written: argparse takes a value starting with "-" for an
     # option unless it looks like one negative number, so widen that test to comma-separated lists.
-    render._negative_number_matcher = _ANGLE_LIST
+    accept_negative_lists(render)
     render.set_defaults(func=render_command)
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from dicomnode.cli.common import accept_negative_lists
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import DicomInputError
 
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-batch", type=int, default=8, help="views denoised together")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    accept_negative_lists(p)
     p.set_defaults(func=run)
 
 
