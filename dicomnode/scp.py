@@ -203,6 +203,44 @@ def _valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and RE_VALID_UID.match(value) is not None
 
 
+class _Refused(Exception):
+    """A C-STORE the handler answers with ``status`` (and ``reason`` as Error Comment)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _validate(event: evt.Event, data: bytes) -> tuple[Dataset, dict[str, Any]]:
+    """The received data set parsed up to Pixel Data, and its ``instances`` columns; or _Refused.
+
+    Checks that it is whole, parses, carries valid UIDs and is the object the request names (PS3.4
+    B.2.3: another SOP Class is 0xA900 "Data Set does not match SOP Class").
+    """
+    req = cast(C_STORE, event.request)
+    try:
+        check_complete(event.encoded_dataset(include_meta=False), UID(event.context.transfer_syntax))
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        values = {keyword: ds.get(keyword) for keyword in _UID_KEYWORDS}  # converts lazily: fail here
+    except DicomInputError as e:
+        raise _Refused(CANNOT_UNDERSTAND, str(e)) from e
+    except Exception as e:  # whatever pydicom raises on bytes it cannot read
+        raise _Refused(CANNOT_UNDERSTAND, f"cannot parse data set: {type(e).__name__}") from e
+    for keyword, value in values.items():
+        if not _valid_uid(value):
+            state = "missing" if keyword not in ds else f"invalid ({str(value)[:20]!r})"
+            raise _Refused(INVALID_UID, f"{keyword} {state}")
+    if ds.SOPClassUID != req.AffectedSOPClassUID:
+        raise _Refused(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class UID is {ds.SOPClassUID}")
+    if ds.SOPInstanceUID != req.AffectedSOPInstanceUID:
+        raise _Refused(SOP_INSTANCE_MISMATCH, "SOP Instance UID differs from the request's")
+    try:
+        return ds, fields_from_dataset(ds)
+    except DicomInputError as e:
+        raise _Refused(CANNOT_UNDERSTAND, str(e)) from e
+
+
 # ---- TLS ------------------------------------------------------------------------------------------
 
 
@@ -488,6 +526,11 @@ class StorageSCP:
             return _status(OUT_OF_RESOURCES, "association not recorded")
         try:
             return self._store(event, record)
+        except _Refused as refusal:
+            logger.warning(
+                "association %d: C-STORE failed with 0x%04X: %s", record.id, refusal.status, refusal.reason
+            )
+            return _status(refusal.status, refusal.reason)
         except Exception:
             logger.exception(
                 "association %d: unexpected error storing %s",
@@ -496,43 +539,11 @@ class StorageSCP:
             )
             return _status(OUT_OF_RESOURCES, "internal error, see the node log")
 
-    def _refuse(self, record: _AssociationRecord, code: int, reason: str) -> Dataset:
-        logger.warning("association %d: C-STORE failed with 0x%04X: %s", record.id, code, reason)
-        return _status(code, reason)
-
-    def _parse(self, event: evt.Event, data: bytes) -> Dataset:
-        """Check the data set is whole and parse everything but Pixel Data (nothing is decoded)."""
-        transfer_syntax = UID(event.context.transfer_syntax)
-        check_complete(event.encoded_dataset(include_meta=False), transfer_syntax)
-        try:
-            ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-            for keyword in _UID_KEYWORDS:
-                ds.get(keyword)  # elements convert lazily: make bad values fail here
-        except Exception as e:
-            raise DicomInputError(f"cannot parse data set: {type(e).__name__}") from e
-        return ds
-
     def _store(self, event: evt.Event, record: _AssociationRecord) -> Dataset:
-        req = cast(C_STORE, event.request)
+        """Validate, write durably, record (with intake) in one transaction, then answer Success."""
         data = event.encoded_dataset()
-        try:
-            ds = self._parse(event, data)
-        except DicomInputError as e:
-            return self._refuse(record, CANNOT_UNDERSTAND, str(e))
-        for keyword in _UID_KEYWORDS:
-            if not _valid_uid(ds.get(keyword)):
-                state = "missing" if keyword not in ds else f"invalid ({str(ds.get(keyword))[:20]!r})"
-                return self._refuse(record, INVALID_UID, f"{keyword} {state}")
-        SOPClassUID, SOPInstanceUID = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
-        if SOPClassUID != req.AffectedSOPClassUID:
-            return self._refuse(record, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class UID is {SOPClassUID}")
-        if SOPInstanceUID != req.AffectedSOPInstanceUID:
-            return self._refuse(record, SOP_INSTANCE_MISMATCH, "SOP Instance UID differs from request")
-        try:
-            fields = fields_from_dataset(ds)
-        except DicomInputError as e:
-            return self._refuse(record, CANNOT_UNDERSTAND, str(e))
-
+        ds, fields = _validate(event, data)
+        SOPInstanceUID = fields["sop_instance_uid"]
         with self.sessions() as session:
             existing = find_instance(session, SOPInstanceUID)
         if existing is not None:
