@@ -20,7 +20,7 @@ from dicomnode.errors import DeliveryError
 from dicomnode.scu import send
 from dicomnode.worker import backoff_s
 from storage.deliveries import due_deliveries, mark_failed, mark_sent
-from storage.models import Delivery, Instance
+from storage.models import Instance
 from storage.store import InstanceStore
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,3 @@ def _deliver_series(
     logger.info("series %s to %s: %d of %d instances delivered", series_uid, peer_name, sent, len(items))
     return sent
 
-
-def pending_count(session: Session) -> int:
-    return session.query(Delivery).filter(Delivery.state == "pending").count()

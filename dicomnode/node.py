@@ -16,6 +16,7 @@ import threading
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
@@ -25,6 +26,7 @@ from dicomnode.scp import StorageSCP
 from dicomnode.workers import WorkerPool
 from storage.db import make_engine, session_factory, upgrade
 from storage.jobs import release_waiting_jobs
+from storage.models import Job
 from storage.store import InstanceStore
 
 logger = logging.getLogger(__name__)
@@ -90,10 +92,16 @@ class Node:
             logger.warning("%s; instances are received and jobs queued meanwhile", problem)
         if not problem and self._model_problem:
             logger.info("model folder %s is present now", self.settings.engine.model)
-        if not problem and self.sessions is not None:
+        if not problem and self.sessions is not None and self._any_waiting():
             with self.sessions.begin() as session:
                 release_waiting_jobs(session)
         self._model_problem = problem
+
+    def _any_waiting(self) -> bool:
+        """A read first, so the once-a-second check takes no write lock when nothing waits."""
+        assert self.sessions is not None
+        with self.sessions() as session:
+            return session.scalar(select(Job.id).where(Job.state == "waiting_model").limit(1)) is not None
 
     def _deliver(self, store: InstanceStore) -> None:
         try:
