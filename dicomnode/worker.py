@@ -59,10 +59,10 @@ class LoadedModel:
 class SynthesisWorker:
     """Claims and runs jobs until ``stop`` is set; finishes the job in hand before leaving."""
 
-    def __init__(self, settings: Settings, worker_id: str, device: str | None = None):
+    def __init__(self, settings: Settings, worker_id: str, gpu_index: int | None = None):
         self.settings = settings
         self.worker_id = worker_id
-        self.device_name = device or settings.engine.device
+        self.gpu_index = gpu_index
         self.store = InstanceStore(settings.node.storage_dir, settings.node.min_free_mb * 2**20)
         self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.node.effective_database_url))
         self.model: LoadedModel | None = None
@@ -106,7 +106,7 @@ class SynthesisWorker:
             from synthesis.device import resolve_device, resolve_dtype
             from synthesis.pipeline import SvdrrPipeline
 
-            device = resolve_device(self.device_name)
+            device = worker_device(resolve_device(self.settings.engine.device), self.gpu_index)
             dtype = resolve_dtype(self.settings.engine.dtype, device)
             t = time.perf_counter()
             pipe = SvdrrPipeline.from_pretrained(self.settings.engine.model, torch_dtype=dtype, device=device)
@@ -237,11 +237,21 @@ class SynthesisWorker:
         return DeliveryTarget(peer_name=peer.name, peer_ae=peer.ae_title, peer_host=peer.host, peer_port=peer.port)
 
 
-def worker_main(settings: Settings, worker_id: str, device: str | None, stop: Any, log_level: int) -> None:
+def worker_device(device: Any, gpu_index: int | None) -> Any:
+    """Worker i of several takes cuda:i when the engine runs on CUDA ("auto" or "cuda");
+    an explicit "cuda:N" or the CPU is kept as configured."""
+    import torch
+
+    if device.type == "cuda" and gpu_index is not None and device.index is None:
+        return torch.device("cuda", gpu_index)
+    return device
+
+
+def worker_main(settings: Settings, worker_id: str, gpu_index: int | None, stop: Any, log_level: int) -> None:
     """Entry point of a worker process (multiprocessing 'spawn')."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s")
     try:
-        SynthesisWorker(settings, worker_id, device).run(stop)
+        SynthesisWorker(settings, worker_id, gpu_index).run(stop)
     except ModelLoadError:
         logger.exception("worker %s cannot load its model", worker_id)
         raise

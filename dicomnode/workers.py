@@ -36,12 +36,9 @@ class WorkerPool:
     def worker_ids(self) -> list[str]:
         return [f"{self.settings.node.ae_title.strip()}/worker-{i}" for i in range(self.settings.scheduler.workers)]
 
-    def device_for(self, index: int) -> str | None:
-        """Worker i gets cuda:i when the site asks for CUDA and there are several workers."""
-        device = self.settings.engine.device
-        if self.settings.scheduler.workers > 1 and device in ("auto", "cuda"):
-            return f"cuda:{index}" if device == "cuda" else None
-        return None
+    def gpu_index_for(self, index: int) -> int | None:
+        """With several workers, worker i takes GPU i (when the engine runs on CUDA at all)."""
+        return index if self.settings.scheduler.workers > 1 else None
 
     def requeue_own_jobs(self) -> int:
         with self.sessions.begin() as session:
@@ -55,7 +52,7 @@ class WorkerPool:
         level = logging.getLogger().getEffectiveLevel()
         proc = self.ctx.Process(
             target=worker_main,
-            args=(self.settings, worker_id, self.device_for(index), self.stop_event, level),
+            args=(self.settings, worker_id, self.gpu_index_for(index), self.stop_event, level),
             name=worker_id,
             daemon=False,
         )

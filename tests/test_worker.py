@@ -133,3 +133,14 @@ def test_settle_delay_is_per_study_and_debounced(tmp_path: Path, tiny_pixel_mode
         assert jobs[0].not_before > first_due, "a new instance in the study pushes the study's jobs back"
         assert jobs[0].not_before == jobs[1].not_before
     assert SynthesisWorker(settings, "w").run_once() is False  # nothing due while the study settles
+
+
+def test_each_worker_of_several_takes_its_own_gpu() -> None:
+    import torch
+
+    from dicomnode.worker import worker_device
+
+    assert worker_device(torch.device("cuda"), 1) == torch.device("cuda", 1)  # "auto"/"cuda", worker 1
+    assert worker_device(torch.device("cuda"), None) == torch.device("cuda")  # a single worker
+    assert worker_device(torch.device("cuda", 0), 1) == torch.device("cuda", 0)  # explicit cuda:0 kept
+    assert worker_device(torch.device("cpu"), 1) == torch.device("cpu")
