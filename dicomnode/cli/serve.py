@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from dicomnode.cli.common import settings_from
 from dicomnode.cli.config import add_config_argument
@@ -32,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
         **{"node.ae_title": args.ae_title, "node.port": args.port, "node.bind_address": args.bind_address},
     )
     if args.verbose == 0:
-        import logging
-
         logging.getLogger().setLevel(logging.INFO)  # a server says what it does by default
+    if args.verbose < 2:
+        # APScheduler logs every run of every interval job at INFO: once a second, nothing to read.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
     Node(settings, worker_grace_s=args.worker_grace).serve_forever()
     return ExitCode.OK
