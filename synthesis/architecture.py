@@ -152,6 +152,16 @@ def tiny(
     )
 
 
+def demo(resolution: int = 64) -> Architecture:
+    """The shipped demo model's shape: pixel space, pose-only token, patch 4, ~4 M parameters.
+
+    Small enough to train on a CPU in under an hour and to ship (< 25 MB of weights).
+    """
+    return Architecture(
+        resolution=resolution, layers=6, heads=4, head_dim=48, patch_size=4, vae=None, clip=None
+    )
+
+
 def build_components(arch: Architecture, seed: int = 0) -> dict[str, Any]:
     """Randomly initialised components for ``SvdrrPipeline(**components)`` (fixed seed)."""
     import torch

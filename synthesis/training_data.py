@@ -111,3 +111,14 @@ def exclude_cases(cases: Sequence[str]) -> RowFilter:
     """A filter holding out whole cases (the paper holds out the last 16 patients)."""
     held_out = set(cases)
     return lambda row: row.case not in held_out
+
+
+def exclude_augmentations(augmentations: Sequence[int]) -> RowFilter:
+    """A filter holding out augmented copies of the volume (unseen augmentations for evaluation)."""
+    held_out = {int(a) for a in augmentations}
+    return lambda row: int(row.augmentation) not in held_out
+
+
+def all_of(*filters: RowFilter) -> RowFilter:
+    """A row passes when every filter passes it."""
+    return lambda row: all(f(row) for f in filters)

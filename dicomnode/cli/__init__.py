@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "synthesize",
     "drr",
     "train",
+    "evaluate",
     "config",
     "db",
 )

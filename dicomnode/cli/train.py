@@ -12,12 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from dicomnode.cli.common import accept_negative_lists
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import SynthesisError
 
 # The published recipe (svdrr-spec.md): 256 px then 512 then 1024, RES:STEPS:BATCH:LR.
 DEFAULT_STAGES = "256:200000:64:5e-6,512:100000:32:3e-6,1024:100000:8:1e-6"
-ARCHS = ("tiny-pixel", "tiny", "published")
+ARCHS = ("demo", "tiny-pixel", "tiny", "published")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,10 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--hold-out-azimuths", default="", metavar="DEG,...", help="target azimuths not trained on"
     )
+    p.add_argument(
+        "--hold-out-augmentations", default="", metavar="N,...", help="augmented volumes not trained on"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    accept_negative_lists(p)
     p.set_defaults(func=run)
 
 
@@ -67,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dicomnode train: model folder not found: {args.init_from}", file=sys.stderr)
         return ExitCode.NOT_FOUND
 
-    from synthesis.architecture import published, tiny
+    from synthesis.architecture import demo, published, tiny
     from synthesis.train import TrainConfig, parse_stages, train
-    from synthesis.training_data import exclude_azimuths
+    from synthesis.training_data import all_of, exclude_augmentations, exclude_azimuths
 
     try:
         stages = parse_stages(args.stages)
@@ -78,11 +83,16 @@ def run(args: argparse.Namespace) -> int:
             resolution = stages[0].resolution
             name = args.arch or "published"
             arch = {
+                "demo": lambda: demo(resolution),
                 "tiny-pixel": lambda: tiny(resolution, vae=False, clip=False),
                 "tiny": lambda: tiny(resolution),
                 "published": lambda: published(resolution),
             }[name]()
         held_out = [float(v) for v in args.hold_out_azimuths.split(",") if v.strip()]
+        held_out_augs = [int(v) for v in args.hold_out_augmentations.split(",") if v.strip()]
+        filters = ([exclude_azimuths(held_out)] if held_out else []) + (
+            [exclude_augmentations(held_out_augs)] if held_out_augs else []
+        )
         config = TrainConfig(
             stages=stages,
             seed=args.seed,
@@ -92,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             gradient_checkpointing=args.gradient_checkpointing,
             device=args.device,
-            include=exclude_azimuths(held_out) if held_out else None,
+            include=all_of(*filters) if filters else None,
             progress=not args.no_progress,
         )
     except (SynthesisError, ValueError) as e:
