@@ -255,7 +255,10 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None},
                 return_dict=False,
             )[0]
-            eps = out[:, :c].to(torch.float32)  # learned sigma: channels c..2c are variance, unused
+            # Learned sigma: channels c..2c are variance, unused. What the first c channels mean (epsilon
+            # for the published models, v for our pixel-space demo) is the scheduler config's
+            # prediction_type; CFG is linear, so it combines either the same way.
+            eps = out[:, :c].to(torch.float32)
             if do_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)

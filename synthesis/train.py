@@ -80,18 +80,22 @@ class TrainConfig:
     device: str = "cpu"
     include: RowFilter | None = field(default=None, compare=False)
     progress: bool = True
+    # What the model predicts: None keeps the starting model's (epsilon, as published). Pixel-space
+    # models do better with "v_prediction": their x0 estimate stays bounded at high noise, where an
+    # epsilon model's (x - sigma eps) / alpha amplifies small errors by up to 1/alpha ~ 150.
+    prediction_type: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise SynthesisError("a training run needs at least one stage")
         if (self.arch is None) == (self.init_from is None):
-            raise SynthesisError(
-                f"give exactly one of arch or init_from, got {self.arch!r}, {self.init_from!r}"
-            )
+            raise SynthesisError(f"give exactly one of arch or init_from, got {self.arch!r}, {self.init_from!r}")
         probs = (self.p_drop_clip, self.p_drop_both, self.p_drop_latent)
         if min(probs) < 0 or sum(probs) > 1 + 1e-9:
             raise SynthesisError(f"dropout probabilities must be >= 0 and sum to <= 1, got {probs}")
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            raise SynthesisError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
         if self.warmup_steps < 0 or self.checkpoint_every < 1 or self.grad_clip <= 0:
             raise SynthesisError(
                 f"warmup_steps >= 0, checkpoint_every >= 1, grad_clip > 0 required, got "
@@ -104,7 +108,12 @@ class TrainConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the checkpoint it resumes."""
-        return {"stages": [vars(s) for s in self.stages], "seed": self.seed, "arch": repr(self.arch)}
+        return {
+            "stages": [vars(s) for s in self.stages],
+            "seed": self.seed,
+            "arch": repr(self.arch),
+            "prediction_type": self.prediction_type,
+        }
 
 
 # --- model pieces ----------------------------------------------------------------------------------
@@ -170,9 +179,7 @@ class TrainingModel:
         with torch.no_grad():
             cond_latent, target_latent, embeds = self._encode(pa, tgt, generator)
         noise = torch.randn(target_latent.shape, generator=generator).to(device)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator
-        )
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
         timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(target_latent, noise, timesteps)
 
@@ -197,7 +204,11 @@ class TrainingModel:
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None},
                 return_dict=False,
             )[0]
-        return F.mse_loss(out[:, :c].float(), noise)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            wanted = self.noise_scheduler.get_velocity(target_latent, noise, timesteps)
+        else:
+            wanted = noise
+        return F.mse_loss(out[:, :c].float(), wanted)
 
     def _encode(
         self, pa: torch.Tensor, tgt: torch.Tensor, generator: torch.Generator
@@ -225,7 +236,7 @@ def noise_schedule_like(scheduler: Any) -> DDPMScheduler:
         beta_start=float(cfg.get("beta_start", 1e-4)),
         beta_end=float(cfg.get("beta_end", 0.02)),
         beta_schedule=str(cfg.get("beta_schedule", "linear")),
-        prediction_type="epsilon",
+        prediction_type=str(cfg.get("prediction_type", "epsilon")),
     )
 
 
@@ -241,9 +252,7 @@ def make_optimizer(model: TrainingModel, stage: Stage, config: TrainConfig) -> t
 def make_lr_schedule(optimizer: torch.optim.Optimizer, stage: Stage, config: TrainConfig) -> Any:
     """Linear warm-up over min(warmup_steps, stage steps), then constant."""
     warmup = min(config.warmup_steps, stage.steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -344,6 +353,9 @@ def train(
     (out_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     components = _initial_components(config)
+    if config.prediction_type is not None:  # recorded in the saved scheduler config: the engine follows it
+        scheduler = components["scheduler"]
+        components["scheduler"] = type(scheduler).from_config(scheduler.config, prediction_type=config.prediction_type)
     generator = torch.Generator()
     checkpoint = latest_checkpoint(out_dir) if resume else None
     state: dict[str, Any] | None = None
@@ -406,9 +418,7 @@ def train(
                 condition, target, pose = dataset.batch(indices)
                 loss = model.loss(condition, target, pose, generator, drop, autocast=autocast)
                 if not torch.isfinite(loss):
-                    raise SynthesisError(
-                        f"loss is {loss.item()} at step {step + 1} (stage {stage_index + 1})"
-                    )
+                    raise SynthesisError(f"loss is {loss.item()} at step {step + 1} (stage {stage_index + 1})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 params = [p for g in optimizer.param_groups for p in g["params"]]

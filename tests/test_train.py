@@ -237,3 +237,30 @@ def test_cli_trains_and_resumes(dataset: Path, tmp_path: Path) -> None:
         run(other)
     missing = parser.parse_args(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)])
     assert run(missing) == 3
+
+
+def test_v_prediction_is_recorded_for_the_engine_and_trained_on_velocity(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(SynthesisError, match="prediction_type"):
+        _config(2, prediction_type="x0")
+    folder = train(_config(2, prediction_type="v_prediction"), dataset, tmp_path)
+    pipe = SvdrrPipeline.from_pretrained(folder)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # the sampler reads the output as v
+    image = np.asarray(Image.open(dataset / "images/case0_000_0000.png"), dtype=np.float32) / 65535
+    assert np.isfinite(pipe(image, azimuths=[30.0], num_inference_steps=2, generator=1).images).all()
+
+    # The loss target is the velocity alpha*eps - sigma*x0: a model that outputs zeros scores its mean square.
+    model = _training_model(tiny(32, vae=False, clip=False))
+    model.noise_scheduler = type(model.noise_scheduler).from_config(
+        model.noise_scheduler.config, prediction_type="v_prediction"
+    )
+    model.transformer.forward = lambda x, **kw: (torch.zeros_like(x),)  # type: ignore[method-assign]
+    cond = torch.rand(2, 1, 32, 32)
+    target = torch.rand(2, 1, 32, 32)
+    pose = torch.zeros(2, 4)
+    loss = model.loss(cond, target, pose, torch.Generator().manual_seed(0), drop=(0.0, 0.0, 0.0))
+    g = torch.Generator().manual_seed(0)  # replay the loss's draws: noise, then timesteps
+    noise = torch.randn(target.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    velocity = model.noise_scheduler.get_velocity(target * 2 - 1, noise, t)
+    assert float(loss) == pytest.approx(float((velocity**2).mean()), rel=1e-5)
+    assert float(loss) != pytest.approx(float((noise**2).mean()), rel=1e-2)

@@ -31,29 +31,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", type=Path, required=True, metavar="DIR", help="DRR dataset folder (index.csv)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder (created)")
-    p.add_argument(
-        "--stages", default=DEFAULT_STAGES, metavar="RES:STEPS:BATCH:LR,...", help="training stages"
-    )
+    p.add_argument("--stages", default=DEFAULT_STAGES, metavar="RES:STEPS:BATCH:LR,...", help="training stages")
     source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--from", dest="init_from", type=Path, metavar="MODEL_DIR", help="start from this model"
-    )
+    source.add_argument("--from", dest="init_from", type=Path, metavar="MODEL_DIR", help="start from this model")
     source.add_argument(
         "--arch",
         choices=ARCHS,
         default=None,
         help="start from random weights of this shape (default published)",
     )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of initialisation, data order, noise and dropout"
-    )
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, noise and dropout")
     p.add_argument("--warmup-steps", type=int, default=1000, help="linear lr warm-up steps per stage")
     p.add_argument("--checkpoint-every", type=int, default=1000, metavar="N", help="optimizer steps")
+    p.add_argument("--hold-out-azimuths", default="", metavar="DEG,...", help="target azimuths not trained on")
+    p.add_argument("--hold-out-augmentations", default="", metavar="N,...", help="augmented volumes not trained on")
     p.add_argument(
-        "--hold-out-azimuths", default="", metavar="DEG,...", help="target azimuths not trained on"
-    )
-    p.add_argument(
-        "--hold-out-augmentations", default="", metavar="N,...", help="augmented volumes not trained on"
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        default=None,
+        help="what the model predicts (default: the starting model's; epsilon from scratch, as published)",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -104,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             include=all_of(*filters) if filters else None,
             progress=not args.no_progress,
+            prediction_type=args.prediction_type,
         )
     except (SynthesisError, ValueError) as e:
         print(f"dicomnode train: {e}", file=sys.stderr)
