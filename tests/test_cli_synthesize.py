@@ -22,7 +22,8 @@ def test_synthesize_writes_views_and_contact_sheet(tmp_path: Path, tiny_pixel_mo
     first = np.asarray(Image.open(views[0]))
     assert first.dtype == np.uint8 and max(first.shape) == 64  # long side = model resolution
     sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.width == 3 * first.shape[1]  # input + 2 views in one row
+    zoom = -(-192 // first.shape[1])  # tiles narrower than 192 px are enlarged for display
+    assert sheet.width == 3 * first.shape[1] * zoom  # input + 2 views in one row
     assert "2 synthetic views" in capsys.readouterr().out
 
 

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         tile = windowed_8bit(pixels, restored.window_center[i], restored.window_width[i])
         save_png(tile, args.out / f"view_{i:02d}_az{view.azimuth:+04.0f}_el{view.elevation:+03.0f}.png")
         tiles.append(tile)
-        labels.append(f"SYNTHETIC {view.label()}")
+        labels.append(f"SYNTHETIC\n{view.label()}")
     contact_sheet(tiles, labels).save(args.out / "contact_sheet.png")
     print(
         f"wrote {len(out.views)} synthetic views and contact_sheet.png to {args.out} "
