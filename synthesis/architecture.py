@@ -153,12 +153,12 @@ def tiny(
 
 
 def demo(resolution: int = 64) -> Architecture:
-    """The shipped demo model's shape: pixel space, pose-only token, patch 4, ~4 M parameters.
+    """The shipped demo model's shape: pixel space, pose-only token, patch 4, ~1.6 M parameters.
 
     Small enough to train on a CPU in under an hour and to ship (< 25 MB of weights).
     """
     return Architecture(
-        resolution=resolution, layers=6, heads=4, head_dim=48, patch_size=4, vae=None, clip=None
+        resolution=resolution, layers=6, heads=4, head_dim=32, patch_size=4, vae=None, clip=None
     )
 
 
