@@ -153,7 +153,7 @@ def tiny(
 
 
 def demo(resolution: int = 64) -> Architecture:
-    """The shipped demo model's shape: pixel space, pose-only token, patch 4, ~1.6 M parameters.
+    """The shipped demo model's shape: pixel space, pose-only token, patch 4, ~1.75 M parameters.
 
     Small enough to train on a CPU in under an hour and to ship (< 25 MB of weights).
     """
