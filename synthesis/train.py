@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, PixArtTransformer2DModel
 
-from dicomnode.errors import SynthesisError
+from dicomnode.errors import ModelLoadError, SynthesisError
 from synthesis.architecture import Architecture, build_components
 from synthesis.pipeline import SvdrrPipeline
 from synthesis.projection import CCProjection
@@ -68,6 +68,9 @@ class TrainConfig:
     seed: int = 0
     arch: Architecture | None = None
     init_from: Path | None = None
+    # A PixArt-Sigma diffusers folder (transformer/ with 4 input channels, vae/): the recipe's start.
+    init_pixart: Path | None = None
+    init_image_encoder: Path | None = None  # with init_pixart: a CLIP vision folder; None = pose-only token
     warmup_steps: int = 1000
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -89,8 +92,11 @@ class TrainConfig:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise SynthesisError("a training run needs at least one stage")
-        if (self.arch is None) == (self.init_from is None):
-            raise SynthesisError(f"give exactly one of arch or init_from, got {self.arch!r}, {self.init_from!r}")
+        starts = (self.arch, self.init_from, self.init_pixart)
+        if sum(x is not None for x in starts) != 1:
+            raise SynthesisError(f"give exactly one of arch, init_from or init_pixart, got {starts!r}")
+        if self.init_image_encoder is not None and self.init_pixart is None:
+            raise SynthesisError("init_image_encoder goes with init_pixart")
         probs = (self.p_drop_clip, self.p_drop_both, self.p_drop_latent)
         if min(probs) < 0 or sum(probs) > 1 + 1e-9:
             raise SynthesisError(f"dropout probabilities must be >= 0 and sum to <= 1, got {probs}")
@@ -113,6 +119,7 @@ class TrainConfig:
             "seed": self.seed,
             "arch": repr(self.arch),
             "prediction_type": self.prediction_type,
+            "init": [str(p) for p in (self.init_from, self.init_pixart, self.init_image_encoder) if p is not None],
         }
 
 
@@ -146,6 +153,38 @@ def widen_patch_embedding(transformer: PixArtTransformer2DModel) -> PixArtTransf
     state["pos_embed.proj.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)
     widened.load_state_dict(state)
     return widened
+
+
+def pixart_components(folder: Path, image_encoder_folder: Path | None = None) -> dict[str, Any]:
+    """The recipe's starting point: PixArt-Sigma's transformer, widened to [noisy | condition] with the
+    T5 caption projection dropped, its VAE (frozen), an optional CLIP image encoder, and a new
+    identity-initialised projection. Local files only."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
+    from transformers import CLIPVisionModelWithProjection
+
+    from synthesis.architecture import SCHEDULER_CONFIG
+
+    local = {"local_files_only": True}
+    try:
+        transformer = widen_patch_embedding(PixArtTransformer2DModel.from_pretrained(folder / "transformer", **local))
+        vae = AutoencoderKL.from_pretrained(folder / "vae", **local)
+        image_encoder = (
+            CLIPVisionModelWithProjection.from_pretrained(image_encoder_folder, **local)
+            if image_encoder_folder is not None
+            else None
+        )
+    except Exception as e:  # the libraries raise OSError, ValueError, KeyError...
+        raise ModelLoadError(f"cannot load a PixArt-Sigma start from {folder}: {type(e).__name__}: {e}") from e
+    embed = int(image_encoder.config.projection_dim) if image_encoder is not None else 0
+    projection = CCProjection(in_channel=embed + 4, out_channel=int(transformer.config.cross_attention_dim))
+    projection.reset_to_identity()
+    return {
+        "transformer": transformer,
+        "cc_projection": projection,
+        "scheduler": DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
+        "vae": vae,
+        "image_encoder": image_encoder,
+    }
 
 
 @dataclass
@@ -318,6 +357,8 @@ def _save_checkpoint(out_dir: Path, model: TrainingModel, state: dict[str, Any])
 def _initial_components(config: TrainConfig) -> dict[str, Any]:
     if config.init_from is not None:
         return dict(SvdrrPipeline.from_pretrained(config.init_from).components)
+    if config.init_pixart is not None:
+        return pixart_components(config.init_pixart, config.init_image_encoder)
     assert config.arch is not None
     components = build_components(config.arch, seed=config.seed)
     components["cc_projection"].reset_to_identity()

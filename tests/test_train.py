@@ -264,3 +264,35 @@ def test_v_prediction_is_recorded_for_the_engine_and_trained_on_velocity(dataset
     velocity = model.noise_scheduler.get_velocity(target * 2 - 1, noise, t)
     assert float(loss) == pytest.approx(float((velocity**2).mean()), rel=1e-5)
     assert float(loss) != pytest.approx(float((noise**2).mean()), rel=1e-2)
+
+
+def test_start_from_a_pixart_sigma_folder(dataset: Path, tmp_path: Path) -> None:
+    """The recipe's start: PixArt-Sigma (4 input channels, T5 caption projection) plus its VAE."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    arch = tiny(32)
+    pixart_config = {**arch.transformer_config(), "in_channels": 4, "caption_channels": 24}
+    PixArtTransformer2DModel(**pixart_config).save_pretrained(tmp_path / "pixart" / "transformer")
+    AutoencoderKL(**arch.vae).save_pretrained(tmp_path / "pixart" / "vae")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**arch.clip)).save_pretrained(tmp_path / "clip")
+    config = TrainConfig(
+        stages=(Stage(32, 2, 2, 1e-3),),
+        init_pixart=tmp_path / "pixart",
+        init_image_encoder=tmp_path / "clip",
+        warmup_steps=1,
+        progress=False,
+    )
+    pipe = SvdrrPipeline.from_pretrained(train(config, dataset, tmp_path / "run"))
+    assert pipe.transformer.config.in_channels == 8 and pipe.transformer.caption_projection is None
+    assert pipe.cc_projection.config.in_channel == arch.clip["projection_dim"] + 4
+    image = np.asarray(Image.open(dataset / "images/case0_000_0000.png"), dtype=np.float32) / 65535
+    assert np.isfinite(pipe(image, azimuths=[30.0], num_inference_steps=2, generator=1).images).all()
+    with pytest.raises(SynthesisError, match="exactly one"):
+        TrainConfig(stages=(Stage(32, 2, 2, 1e-3),), arch=arch, init_pixart=tmp_path / "pixart")
+    with pytest.raises(SynthesisError, match="PixArt-Sigma"):
+        train(
+            TrainConfig(stages=(Stage(32, 2, 2, 1e-3),), init_pixart=tmp_path / "nothing", progress=False),
+            dataset,
+            tmp_path / "run2",
+        )

@@ -35,11 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--from", dest="init_from", type=Path, metavar="MODEL_DIR", help="start from this model")
     source.add_argument(
+        "--from-pixart",
+        dest="init_pixart",
+        type=Path,
+        metavar="DIR",
+        help="start from a PixArt-Sigma diffusers folder (transformer/, vae/): patch embedding widened to 8 channels",
+    )
+    source.add_argument(
         "--arch",
         choices=ARCHS,
         default=None,
         help="start from random weights of this shape (default published)",
     )
+    p.add_argument("--image-encoder", type=Path, metavar="DIR", help="with --from-pixart: a CLIP vision model folder")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, noise and dropout")
     p.add_argument("--warmup-steps", type=int, default=1000, help="linear lr warm-up steps per stage")
     p.add_argument("--checkpoint-every", type=int, default=1000, metavar="N", help="optimizer steps")
@@ -64,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if not (args.data / "index.csv").is_file():
         print(f"dicomnode train: no DRR dataset index in {args.data}", file=sys.stderr)
         return ExitCode.NOT_FOUND
-    if args.init_from is not None and not args.init_from.is_dir():
-        print(f"dicomnode train: model folder not found: {args.init_from}", file=sys.stderr)
-        return ExitCode.NOT_FOUND
+    for folder in (args.init_from, args.init_pixart, args.image_encoder):
+        if folder is not None and not folder.is_dir():
+            print(f"dicomnode train: model folder not found: {folder}", file=sys.stderr)
+            return ExitCode.NOT_FOUND
 
     from synthesis.architecture import demo, published, tiny
     from synthesis.train import TrainConfig, parse_stages, train
@@ -75,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         stages = parse_stages(args.stages)
         arch = None
-        if args.init_from is None:
+        if args.init_from is None and args.init_pixart is None:
             resolution = stages[0].resolution
             name = args.arch or "published"
             arch = {
@@ -94,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             arch=arch,
             init_from=args.init_from,
+            init_pixart=args.init_pixart,
+            init_image_encoder=args.image_encoder,
             warmup_steps=args.warmup_steps,
             checkpoint_every=args.checkpoint_every,
             gradient_checkpointing=args.gradient_checkpointing,
