@@ -14,6 +14,17 @@ _NUMBER = r"-?(\d+\.?\d*|\.\d+)"
 _ANGLE_LIST = re.compile(rf"^-(\d+\.?\d*|\.\d+)(,{_NUMBER})*$")
 
 
+def degrees(text: str) -> list[float]:
+    """An argparse type: comma-separated degrees, e.g. ``-90,-45,0,45,90``."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"angles must be comma-separated numbers, got {text!r}") from e
+    if not values:
+        raise argparse.ArgumentTypeError(f"no angles in {text!r}")
+    return values
+
+
 def accept_negative_lists(parser: argparse.ArgumentParser) -> None:
     """Let "--azimuths -90,-45,0" work as written.
 

@@ -13,22 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from dicomnode.cli.common import accept_negative_lists
+from dicomnode.cli.common import accept_negative_lists, degrees
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import SynthesisError
 
 DEFAULT_AZIMUTHS = "-90,-60,-30,0,30,60,90"
-
-
-def _angles(text: str) -> list[float]:
-    """Comma-separated degrees, e.g. ``-90,-45,0,45,90``."""
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"angles must be comma-separated numbers, got {text!r}") from e
-    if not values:
-        raise argparse.ArgumentTypeError(f"no angles in {text!r}")
-    return values
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,12 +52,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     views.add_argument("--fibonacci", type=int, default=None, metavar="N", help="N views over the PA hemisphere")
     render.add_argument(
         "--azimuths",
-        type=_angles,
+        type=degrees,
         default=DEFAULT_AZIMUTHS,
         metavar="DEG,...",
         help="target azimuths, degrees",
     )
-    render.add_argument("--elevations", type=_angles, default="0", metavar="DEG,...", help="target elevations, degrees")
+    render.add_argument("--elevations", type=degrees, default="0", metavar="DEG,...", help="target elevations, degrees")
     render.add_argument("--augmentations", type=int, default=0, metavar="N", help="augmented copies per CT")
     render.add_argument("--seed", type=int, default=0, metavar="K", help="seed of the augmentations")
     render.add_argument("--renderer", choices=("trilinear", "siddon"), default="trilinear", help="DiffDRR renderer")

@@ -29,12 +29,8 @@ def add_peer_arguments(parser: argparse.ArgumentParser, name_flag: str | None = 
     parser.add_argument("--port", type=int, help="TCP port of an ad-hoc peer")
     parser.add_argument("--called-ae", metavar="AE", help="AE title of an ad-hoc peer")
     parser.add_argument("--tls", action="store_true", help="connect to the ad-hoc peer with TLS")
-    parser.add_argument(
-        "-aet", "--ae-title", metavar="AE", help="our calling AE title (default: node.ae_title)"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for the peer"
-    )
+    parser.add_argument("-aet", "--ae-title", metavar="AE", help="our calling AE title (default: node.ae_title)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for the peer")
 
 
 def resolve_peer(args: argparse.Namespace, settings: Settings) -> PeerSettings:

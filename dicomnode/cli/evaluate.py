@@ -14,20 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicomnode.cli.common import accept_negative_lists
+from dicomnode.cli.common import accept_negative_lists, degrees
 from dicomnode.cli.exitcodes import ExitCode
 
 if TYPE_CHECKING:  # synthesis imports torch; only the command's run does
     from synthesis.drr_dataset import IndexRow
 
 ANGLE_TOLERANCE = 1e-6  # degrees: index angles are written with 10 significant digits
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated degrees, got {text!r}") from e
 
 
 def _ints(text: str) -> list[int]:
@@ -54,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     views = p.add_mutually_exclusive_group()
     views.add_argument(
-        "--azimuths", type=_floats, default=None, metavar="DEG,...", help="target azimuths (default all)"
+        "--azimuths", type=degrees, default=None, metavar="DEG,...", help="target azimuths (default all)"
     )
     views.add_argument("--simple", action="store_true", help="the simple set: azimuth -90..+90 in 5 degree steps")
     p.add_argument(

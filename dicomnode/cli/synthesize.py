@@ -6,18 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from dicomnode.cli.common import accept_negative_lists
+from dicomnode.cli.common import accept_negative_lists, degrees
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import DicomInputError
 
 logger = logging.getLogger(__name__)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated degrees, got {text!r}") from e
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,17 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, help="DICOM file of a PA radiograph")
     p.add_argument("--model", type=Path, required=True, help="model folder in the published SV-DRR layout")
-    p.add_argument(
-        "--azimuths", type=_floats, default=[-60.0, -30.0, 30.0, 60.0], help="degrees, comma-separated"
-    )
-    p.add_argument("--elevations", type=_floats, default=[], help="degrees, one per azimuth (default all 0)")
+    p.add_argument("--azimuths", type=degrees, default=[-60.0, -30.0, 30.0, 60.0], help="degrees, comma-separated")
+    p.add_argument("--elevations", type=degrees, default=[], help="degrees, one per azimuth (default all 0)")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="request seed; each view's noise derives from it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16"
-    )
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
     p.add_argument("--max-batch", type=int, default=8, help="views denoised together")
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     accept_negative_lists(p)
@@ -60,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, pydicom.errors.InvalidDicomError) as e:
         raise DicomInputError(f"cannot read {args.input} as DICOM: {e}") from e
     device = resolve_device(args.device)
-    pipe = SvdrrPipeline.from_pretrained(
-        args.model, torch_dtype=resolve_dtype(args.dtype, device), device=device
-    )
+    pipe = SvdrrPipeline.from_pretrained(args.model, torch_dtype=resolve_dtype(args.dtype, device), device=device)
     prepared = prepare_radiograph(ds, pipe.resolution)
     out = pipe(
         prepared.image,
