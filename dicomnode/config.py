@@ -340,6 +340,59 @@ class LoopPreventionSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HttpSettings:
+    """``[http]``: the operator console, REST API, metrics and health endpoints (:mod:`dicomnode.console`).
+
+    Bound to a loopback address it may run without login; bound to any other address it needs
+    ``api_token`` or ``username`` + ``password_hash`` (``python -m dicomnode.console.passwords``).
+    ``tls = true`` serves HTTPS with the node's ``security.tls_certificate`` and key.
+    """
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = 11180
+    api_token: str = ""
+    username: str = ""
+    password_hash: str = ""
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "http")
+        _check_host("http.bind_address", self.bind_address)
+        _check_range("http.port", self.port, 0, 65535)
+        if bool(self.username) != bool(self.password_hash):
+            raise ConfigError("http.password_hash: username and password_hash must be set together")
+        if self.password_hash and not self.password_hash.startswith("pbkdf2_sha256$"):
+            raise ConfigError(
+                "http.password_hash: must be a pbkdf2_sha256$... hash (python -m dicomnode.console.passwords)"
+            )
+        if self.api_token and len(self.api_token) < 16:
+            raise ConfigError("http.api_token: must be at least 16 characters")
+        if self.enabled and not self.authentication and not is_loopback(self.bind_address):
+            raise ConfigError(
+                f"http.bind_address: {self.bind_address!r} is not a loopback address; the console refuses to "
+                "serve it without authentication (set http.api_token or http.username + http.password_hash)"
+            )
+
+    @property
+    def authentication(self) -> bool:
+        """Whether requests must authenticate (a token or a user is configured)."""
+        return bool(self.api_token or self.username)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """The whole site configuration. Build it with :func:`load_settings`."""
 
@@ -350,6 +403,7 @@ class Settings:
     scheduler: SchedulerSettings = SchedulerSettings()
     output: OutputSettings = OutputSettings()
     loop_prevention: LoopPreventionSettings = LoopPreventionSettings()
+    http: HttpSettings = HttpSettings()
     rules: tuple[Rule, ...] = ()
     source: Path | None = None  # the TOML file these settings came from, if any
 
@@ -391,6 +445,7 @@ _SECTIONS: dict[str, type] = {
     "scheduler": SchedulerSettings,
     "output": OutputSettings,
     "loop_prevention": LoopPreventionSettings,
+    "http": HttpSettings,
 }
 _LISTS: dict[str, type] = {"peers": PeerSettings, "rules": Rule}
 # Defaults for the two required paths when the file leaves them out (relative to the file's folder).

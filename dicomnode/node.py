@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
@@ -26,7 +27,7 @@ from dicomnode.scp import StorageSCP
 from dicomnode.workers import WorkerPool
 from storage.db import make_engine, session_factory, upgrade
 from storage.jobs import release_waiting_jobs
-from storage.models import Job
+from storage.models import JOB_STATES, Job
 from storage.store import InstanceStore
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Node:
         self.pool: WorkerPool | None = None
         self.scheduler: BackgroundScheduler | None = None
         self._model_problem: str | None = None
+        self.console: Any = None  # dicomnode.console.server.ConsoleServer when [http] is enabled
 
     def start(self) -> None:
         s = self.settings
@@ -77,6 +79,10 @@ class Node:
         self.scheduler.start()
         self.scp = StorageSCP(s, store, self.sessions, Intake(s))
         self.scp.start()
+        if s.http.enabled:
+            from dicomnode.console.server import ConsoleServer  # the HTTP stack loads only when used
+
+            self.console = ConsoleServer.for_node(s, self, store, JOB_STATES).start()
         logger.info(
             "node %s listening on %s:%d; %d synthesis worker(s); model %s",
             s.node.ae_title,
@@ -121,6 +127,8 @@ class Node:
     def stop(self) -> None:
         self.stopping.set()
         logger.info("stopping: no new associations")
+        if self.console is not None:
+            self.console.stop()
         if self.scp is not None:
             self.scp.stop()
         if self.scheduler is not None:

@@ -396,6 +396,17 @@ class StorageSCP:
             self._finish(assoc, "shutdown")
         logger.info("Storage SCP %s stopped", self.settings.node.ae_title)
 
+    @property
+    def listening(self) -> bool:
+        """Whether the server is accepting associations (started and not stopped)."""
+        return self._server is not None
+
+    def bind(self, event: Any, handler: Any) -> None:
+        """Add a notification handler (pynetdicom ``evt.EVT_*``) to the running server, e.g. metrics."""
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        self._server.bind(event, handler)
+
     def __enter__(self) -> StorageSCP:
         self.start()
         return self

@@ -257,3 +257,18 @@ class Delivery(Base):
     @validates("state")
     def _validate_state(self, key: str, value: str) -> str:
         return _check_choice("delivery state", value, DELIVERY_STATES)
+
+
+class AuditEvent(Base):
+    """One operator action taken through the console or its API: who, what, when, from where."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    remote_addr: Mapped[str | None] = mapped_column(String(HOST))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(255))
+    outcome: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -106,8 +106,12 @@ def node_config(
     settle_s: float = 0.3,
     rule_extra: str = "",
     azimuths: str = "[-90, -30, 30, 90]",
+    http_port: int | None = None,
 ) -> Path:
-    """A site configuration for a test node: SQLite in the folder, one rule, Orthanc as the peer."""
+    """A site configuration for a test node: SQLite in the folder, one rule, Orthanc as the peer.
+
+    The console listens on ``http_port`` (a free port when None), never on the shared default.
+    """
     peer = (
         f'[[peers]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs_port}\n' if pacs_port else ""
     )
@@ -132,6 +136,9 @@ poll_interval_s = 0.2
 backoff_initial_s = 0.5
 backoff_max_s = 2
 max_attempts = 3
+
+[http]
+port = {http_port if http_port is not None else free_port()}
 
 {peer}
 [[rules]]

@@ -1,4 +1,7 @@
-"""``dicomnode status``: is the node answering, is there a model, what is queued and what failed."""
+"""``dicomnode status``: is the node answering, is there a model, what is queued and what failed.
+
+Exits 4 (peer unreachable) when the node does not answer C-ECHO, so scripts and monitors can tell.
+"""
 
 from __future__ import annotations
 
@@ -27,10 +30,12 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     node = settings.node
     self_peer = PeerSettings(name="self", ae_title=node.ae_title, host=node.bind_address, port=node.port)
+    answering = True
     try:
         echo(self_peer, node.ae_title, timeout_s=5)
         listening = "answering C-ECHO"
     except DeliveryError as e:
+        answering = False
         listening = f"NOT answering ({e})"
     print(f"node     {node.ae_title} at {node.bind_address}:{node.port}: {listening}")
     problem = model_problem(settings)
@@ -46,4 +51,6 @@ def run(args: argparse.Namespace) -> int:
     print("delivery " + (", ".join(f"{k} {v}" for k, v in sorted(deliveries.items())) or "none"))
     if problem and jobs.get("waiting_model"):
         print(f"         {jobs['waiting_model']} job(s) wait for the model")
-    return ExitCode.OK
+    if settings.http.enabled:
+        print(f"console  http{'s' if settings.http.tls else ''}://{settings.http.bind_address}:{settings.http.port}/")
+    return ExitCode.OK if answering else ExitCode.PEER_UNREACHABLE
