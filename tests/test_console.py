@@ -258,3 +258,41 @@ def test_status_exits_non_zero_when_the_node_does_not_answer(tmp_path: Path) -> 
     result = run_cli("status", "--config", str(settings.source))
     assert result.returncode == 4, result.stdout + result.stderr
     assert "NOT answering" in result.stdout
+
+
+def test_the_shipped_orthanc_configuration_answers_and_stores_what_the_node_sends(tmp_path: Path) -> None:
+    """config/orthanc.json, the tour's PACS, on free ports: C-ECHO and C-STORE from AE SVDRR work."""
+    from dicomnode.config import PeerSettings
+    from dicomnode.scu import echo, send
+    from tests.conftest import free_port
+    from tests.peers import ORTHANC
+
+    shipped = json.loads((Path(__file__).resolve().parent.parent / "config" / "orthanc.json").read_text())
+    assert (shipped["DicomAet"], shipped["DicomPort"], shipped["HttpPort"]) == ("ORTHANC", 4242, 8042)
+    dicom_port, http_port = free_port(), free_port()
+    config = {
+        **shipped,
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "StorageDirectory": str(tmp_path / "storage"),
+        "IndexDirectory": str(tmp_path / "index"),
+    }
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    log = (tmp_path / "orthanc.log").open("wb")
+    proc = subprocess.Popen([ORTHANC, str(tmp_path / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        peer = PeerSettings(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=dicom_port)
+
+        def answers() -> bool:
+            try:
+                return echo(peer, "SVDRR", timeout_s=2) == 0
+            except Exception:
+                return False
+
+        wait_for(answers, 30, "Orthanc on the shipped configuration")
+        [result] = send(peer, "SVDRR", [SAMPLE])
+        assert result.succeeded
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()

@@ -32,7 +32,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
-AZIMUTHS = [-60.0, -30.0, 30.0, 60.0]
+AZIMUTHS = [-90.0, -60.0, -30.0, 30.0, 60.0, 90.0]  # the shipped rule's views
 
 
 @pytest.fixture()
