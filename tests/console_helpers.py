@@ -31,7 +31,9 @@ from tests.conftest import free_port
 SAMPLE = Path(__file__).resolve().parent.parent / "models" / "demo" / "sample" / "chest_pa_drr_phantom.dcm"
 
 
-def console_settings(folder: Path, *, http: str = "", min_free_mb: int = 0, model: Path | None = None) -> Settings:
+def console_settings(
+    folder: Path, *, http: str = "", security: str = "", min_free_mb: int = 0, model: Path | None = None
+) -> Settings:
     config = folder / "dicomnode.toml"
     config.write_text(
         f"""
@@ -40,6 +42,9 @@ ae_title = "SVDRR"
 port = {free_port()}
 storage_dir = "{folder / "var"}"
 min_free_mb = {min_free_mb}
+
+[security]
+{security}
 
 [engine]
 model = "{model or folder / "no-model"}"

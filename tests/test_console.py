@@ -243,6 +243,26 @@ def test_non_loopback_console_needs_authentication(tmp_path: Path) -> None:
         load_settings(plain.source, env={"DICOMNODE_HTTP__BIND_ADDRESS": "10.1.2.3"})
 
 
+def test_console_serves_https_with_the_node_certificate(tmp_path: Path) -> None:
+    import ssl
+    import urllib.request
+
+    from tests.test_scu import make_pki
+
+    pki = make_pki(tmp_path)
+    security = f'tls_certificate = "{pki["server"]}"\ntls_private_key = "{pki["server_key"]}"'
+    settings = console_settings(tmp_path, http=f'tls = true\napi_token = "{TOKEN}"', security=security)
+    with running_edge(settings) as edge:
+        context = ssl.create_default_context(cafile=str(pki["ca"]))
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{edge.console.port}/api/v1/overview", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, context=context, timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read())["node"]["ae_title"] == "SVDRR"
+        with pytest.raises(OSError):  # plain HTTP is not served
+            urllib.request.urlopen(f"http://127.0.0.1:{edge.console.port}/healthz", timeout=10).read()
+
+
 def test_password_hash_round_trip() -> None:
     encoded = hash_password("correct horse", 1000)
     assert encoded.startswith("pbkdf2_sha256$1000$")

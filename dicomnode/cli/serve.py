@@ -13,14 +13,18 @@ from dicomnode.cli.exitcodes import ExitCode
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="run the node (SCP, synthesis workers, delivery)",
-        description="Run the node: receive (C-STORE), synthesise, deliver. Stops cleanly on SIGTERM/SIGINT.",
+        help="run the node (SCP, synthesis workers, delivery, operator console)",
+        description=(
+            "Run the node: receive (C-STORE), synthesise, deliver, and serve the operator console ([http]). "
+            "Stops cleanly on SIGTERM/SIGINT."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_argument(p)
     p.add_argument("--ae-title", "-aet", help="override node.ae_title")
     p.add_argument("--port", type=int, help="override node.port")
     p.add_argument("--bind-address", help="override node.bind_address")
+    p.add_argument("--http-port", type=int, help="override http.port (the operator console)")
     p.add_argument("--worker-grace", type=float, default=60.0, help="seconds a worker may finish its job at stop")
     p.set_defaults(func=run)
 
@@ -30,7 +34,12 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from(
         args,
-        **{"node.ae_title": args.ae_title, "node.port": args.port, "node.bind_address": args.bind_address},
+        **{
+            "node.ae_title": args.ae_title,
+            "node.port": args.port,
+            "node.bind_address": args.bind_address,
+            "http.port": args.http_port,
+        },
     )
     if args.verbose == 0:
         logging.getLogger().setLevel(logging.INFO)  # a server says what it does by default

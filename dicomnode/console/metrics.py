@@ -85,7 +85,7 @@ def _command_field(message: Any) -> int | None:
         return None
 
 
-def _histogram(name: str, doc: str, values: Iterable[float], buckets: Sequence[float]) -> HistogramMetricFamily:
+def _histogram(name: str, doc: str, values: Iterable[float | None], buckets: Sequence[float]) -> HistogramMetricFamily:
     data = sorted(v for v in values if v is not None and v >= 0)
     counts, i = [], 0
     for bound in buckets:
