@@ -66,6 +66,10 @@ def summary(settings: Settings) -> list[str]:
         f"device {engine.device}, dtype {engine.dtype}, {engine.steps} steps",
         f"peers: {len(settings.peers)}",
     ]
+    http = settings.http
+    login = " and ".join(k for k, v in (("token", http.api_token), ("user", http.username)) if v) or "none (loopback)"
+    console = f"http{'s' if http.tls else ''}://{http.bind_address}:{http.port}/, login {login}"
+    lines.insert(5, f"console: {console if http.enabled else 'off'}")
     lines += [f"  {p.name}: {p.ae_title} at {p.host}:{p.port}{' (TLS)' if p.tls else ''}" for p in settings.peers]
     lines.append(f"rules: {len(settings.rules)}")
     for rule in settings.rules:
