@@ -175,6 +175,16 @@ def test_studies_api_and_thumbnail_of_the_stored_sample(tmp_path: Path) -> None:
         assert (study["rule"], study["state"], study["input"]["modality"]) == ("chest", "queued", "DX")
         assert study["input"]["patient"]["PatientName"] == "DEMO^PHANTOM"
         assert client.json("GET", "/api/v1/studies?state=done")[1]["studies"] == []
+        ct = Path(get_testdata_file("CT_small.dcm"))  # no rule takes it: listed as not processed
+        assert storescu(edge.scp.port, ct).returncode == 0
+        _, listed = client.json("GET", "/api/v1/studies")
+        assert [(s["job_id"], s["state"]) for s in listed["studies"]] == [
+            (None, "not processed"), (study["job_id"], "queued")
+        ]
+        _, queued = client.json("GET", "/api/v1/studies?state=queued")
+        assert [s["job_id"] for s in queued["studies"]] == [study["job_id"]]
+        _, unprocessed = client.json("GET", "/api/v1/studies?state=not%20processed")
+        assert [s["input"]["modality"] for s in unprocessed["studies"]] == ["CT"]
         assert client.json("GET", "/api/v1/studies?since=2999-01-01")[1]["studies"] == []
         assert client.get("/api/v1/studies?since=yesterday")[0] == 400
         status, headers, png = client.get(f"/thumbnails/{study['input']['id']}.png?size=128")

@@ -125,6 +125,9 @@ def _instance(instance: Instance) -> dict[str, Any]:
     }
 
 
+NO_JOB = "not processed"  # the state shown for a received input no rule took
+
+
 def studies(
     session: Session,
     *,
@@ -133,43 +136,58 @@ def studies(
     until: datetime | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
-    """Jobs newest first, each with its input, rule, state, optional score and its views."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit)
-    if state:
-        query = query.where(Job.state == state)
+    """Received inputs newest first: one row per job (rule, state, optional score, views), or one row
+    in state :data:`NO_JOB` for an input no rule took (no match, or loop prevention).
+
+    ``state`` filters on the job state (or :data:`NO_JOB`); ``since``/``until`` on the time received.
+    """
+    query = select(Instance).where(Instance.origin == "received").order_by(Instance.id.desc()).limit(limit)
+    has_job = select(Job.id).where(Job.input_instance_id == Instance.id)
+    if state == NO_JOB:
+        query = query.where(~has_job.exists())
+    elif state:
+        query = query.where(has_job.where(Job.state == state).exists())
     if since is not None:
-        query = query.where(Job.created_at >= since)
+        query = query.where(Instance.received_at >= since)
     if until is not None:
-        query = query.where(Job.created_at < until)
+        query = query.where(Instance.received_at < until)
     rows = []
-    for job in session.scalars(query):
-        outputs = session.execute(
-            select(Output.instance_id, Output.azimuth, Output.elevation)
-            .where(Output.job_id == job.id)
-            .order_by(Output.id)
-        ).all()
-        rows.append(
-            {
-                "job_id": job.id,
-                "rule": job.rule_name,
-                "state": job.state,
-                "attempts": job.attempts,
-                "created_at": job.created_at,
-                "finished_at": job.finished_at,
-                "last_error": job.last_error,
-                **_optional(job),
-                "input": _instance(job.input_instance),
-                "views": [
-                    {"instance_id": o.instance_id, "azimuth": o.azimuth, "elevation": o.elevation} for o in outputs
-                ],
-            }
-        )
+    for instance in session.scalars(query):
+        jobs = [job for job in instance.jobs if not state or state == NO_JOB or job.state == state]
+        if not jobs:
+            rows.append(
+                {"job_id": None, "rule": None, "state": NO_JOB, "input": _instance(instance), "views": []}
+                | dict.fromkeys(("attempts", "created_at", "finished_at", "last_error", *OPTIONAL_JOB_COLUMNS))
+            )
+        for job in reversed(jobs):
+            outputs = session.execute(
+                select(Output.instance_id, Output.azimuth, Output.elevation)
+                .where(Output.job_id == job.id)
+                .order_by(Output.id)
+            ).all()
+            rows.append(
+                {
+                    "job_id": job.id,
+                    "rule": job.rule_name,
+                    "state": job.state,
+                    "attempts": job.attempts,
+                    "created_at": job.created_at,
+                    "finished_at": job.finished_at,
+                    "last_error": job.last_error,
+                    **_optional(job),
+                    "input": _instance(instance),
+                    "views": [
+                        {"instance_id": o.instance_id, "azimuth": o.azimuth, "elevation": o.elevation}
+                        for o in outputs
+                    ],
+                }
+            )
     return rows
 
 
 def job_states(session: Session) -> list[str]:
-    """Every job state present in the database (for filters)."""
-    return sorted(str(s) for s in session.scalars(select(Job.state).distinct()))
+    """Every job state present in the database, and :data:`NO_JOB` (for filters)."""
+    return sorted(str(s) for s in session.scalars(select(Job.state).distinct())) + [NO_JOB]
 
 
 def job_detail(session: Session, job_id: int) -> dict[str, Any] | None:
