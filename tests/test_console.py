@@ -326,3 +326,14 @@ def test_the_shipped_orthanc_configuration_answers_and_stores_what_the_node_send
         proc.terminate()
         proc.wait(20)
         log.close()
+
+
+def test_the_node_refuses_to_start_when_the_console_port_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    settings = console_settings(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", settings.http.port))
+        taken.listen()
+        with pytest.raises(ConfigError, match="http.port"), running_edge(settings):
+            pass

@@ -8,6 +8,7 @@ are bound to the SCP here.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ class ConsoleServer:
         self.ctx = ctx
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
 
     @classmethod
     def for_node(cls, settings: Settings, node: Any, store: Any, job_states: tuple[str, ...]) -> ConsoleServer:
@@ -62,9 +64,8 @@ class ConsoleServer:
     @property
     def port(self) -> int:
         """The port listened on (the configured one until started; the real one with port 0)."""
-        server = self._server
-        if server is not None and server.servers:
-            return int(server.servers[0].sockets[0].getsockname()[1])
+        if self._socket is not None:
+            return int(self._socket.getsockname()[1])
         return self.ctx.settings.http.port
 
     def start(self, timeout_s: float = 30.0) -> ConsoleServer:
@@ -84,8 +85,12 @@ class ConsoleServer:
             lifespan="off",
             **tls,
         )
+        self._socket = _listen(http.bind_address, http.port)  # here, so a taken port fails the start
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="console-http", daemon=True)
+        sockets = [self._socket]
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": sockets}, name="console-http", daemon=True
+        )
         self._thread.start()
         _wait(lambda: self._server is not None and self._server.started, timeout_s, self._thread)
         scheme = "https" if http.tls else "http"
@@ -98,7 +103,23 @@ class ConsoleServer:
         self._server.should_exit = True
         self._thread.join(timeout_s)
         self._server = None
+        if self._socket is not None:
+            self._socket.close()
         logger.info("console stopped")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for the console (uvicorn listens on it); ConfigError naming the key if not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"http.port: cannot listen on {host}:{port}: {e}") from e
+    sock.set_inheritable(True)
+    return sock
 
 
 def _wait(ready: Callable[[], bool], timeout_s: float, thread: threading.Thread) -> None:
