@@ -288,10 +288,16 @@ class OutputSettings:
     modality: str = "OT"
     series_description_prefix: str = "SYNTHETIC"
     manufacturer: str = "dicomnode"
+    sweep_series_number: int = 902  # the rotation sweep of a rule with sweep = true
+    sweep_frame_time_ms: float = 250.0  # Frame Time of the sweep, ms per frame
+    recall_series_number: int = 990  # the rejection notes of `dicomnode recall`
 
     def __post_init__(self) -> None:
         _check_fields(self, "output")
         _check_range("output.series_number", self.series_number, SERIES_NUMBERS.start, SERIES_NUMBERS.stop - 1)
+        for key in ("sweep_series_number", "recall_series_number"):
+            _check_range(f"output.{key}", getattr(self, key), SERIES_NUMBERS.start, SERIES_NUMBERS.stop - 1)
+        _check_range("output.sweep_frame_time_ms", self.sweep_frame_time_ms, 1, 60_000)
         if not _CS_VALUE.fullmatch(self.modality):
             raise ConfigError(f"output.modality: must be a Code String (A-Z, 0-9, 1..16), got {self.modality!r}")
         # Series Description is LO (64 characters); the prefix leaves room for the view label.

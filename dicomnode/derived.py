@@ -78,9 +78,12 @@ _ANGLES_TEXT = re.compile(r"azimuth_deg=(?P<az>[-+0-9.eE]+); elevation_deg=(?P<e
 _WARNING = "Synthetic view, not an acquired image; not for diagnosis."
 
 
-def _uuid5_uid(name: str) -> str:
+def uuid5_uid(name: str) -> str:
     """PS3.5 B.2: a UID from a UUID is "2.25." followed by the UUID as one decimal integer."""
     return f"2.25.{uuid.uuid5(PROJECT_UID_NAMESPACE, name).int}"
+
+
+_uuid5_uid = uuid5_uid
 
 
 def device_uid_for(model_identity: str) -> str:

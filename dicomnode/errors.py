@@ -31,3 +31,7 @@ class ModelLoadError(SynthesisError):
 
 class DeliveryError(NodeError):
     """A derived instance could not be delivered to a peer."""
+
+
+class RecallError(NodeError):
+    """A recall cannot be made as asked: nothing matches, or an output cannot be read."""

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import __version__
 from dicomnode.config import Settings
 from dicomnode.derived import GeneratorInfo, build_derived_instances, device_uid_for
+from dicomnode.derived_sweep import build_sweep_instance
 from dicomnode.errors import ModelLoadError, NodeError
 from dicomnode.rules import facts_from_dataset, loop_reason
 from storage.db import make_engine, session_factory
@@ -141,6 +142,7 @@ class SynthesisWorker:
             source_path = source_row.path
             azimuths, elevations = list(job.azimuths), list(job.elevations)
             destinations, request_key = list(job.destinations), job.request_key
+            rule_name = job.rule_name
         source = self.store.open_dataset(source_path)
         model = self.load_model()
         reason = loop_reason(
@@ -192,6 +194,7 @@ class SynthesisWorker:
             # Steps and guidance change the pixels, so they are part of the UIDs' identity too.
             request_key=f"{request_key}|steps={engine.steps}|guidance={engine.guidance_scale:g}",
         )
+        views = self._add_sweep(rule_name, datasets, views)
         targets = [self._target(name) for name in destinations]
         total_s = time.perf_counter() - t0
         with self.sessions.begin() as session:
@@ -231,6 +234,25 @@ class SynthesisWorker:
             synthesis_s,
             datasets[0].SeriesInstanceUID,
         )
+
+    def _add_sweep(
+        self, rule_name: str, datasets: list[Any], views: list[tuple[float, float]]
+    ) -> list[tuple[float, float]]:
+        """With ``sweep = true`` on the job's rule, append the rotation sweep of the views to
+        `datasets`; returns the angles to record per dataset (the sweep's are its first frame's)."""
+        rule = next((r for r in self.settings.rules if r.name == rule_name), None)
+        if rule is None or not rule.sweep or len(datasets) < 2:
+            return views
+        out = self.settings.output
+        datasets.append(
+            build_sweep_instance(
+                datasets,
+                series_number=out.sweep_series_number,
+                series_description_prefix=out.series_description_prefix,
+                frame_time_ms=out.sweep_frame_time_ms,
+            )
+        )
+        return [*views, min(views)]
 
     def _target(self, peer_name: str) -> DeliveryTarget:
         peer = self.settings.peer(peer_name)

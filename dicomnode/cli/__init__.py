@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "jobs",
     "deliveries",
     "provenance",
+    "recall",
     "synthesize",
     "drr",
     "train",
