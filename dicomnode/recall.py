@@ -95,7 +95,7 @@ def _selected_outputs(session: Session, selector: RecallSelector) -> list[tuple[
         query = query.where(Output.job_id == int(selector.value))
     else:
         query = query.where(Output.series_instance_uid == selector.value)
-    return [(output, instance) for output, instance in session.execute(query).tuples()]
+    return [(output, instance) for output, instance in session.execute(query)]
 
 
 def plan_recall(session: Session, selector: RecallSelector, reason: RecallReason) -> RecallPlan:
