@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, MultiFrameGrayscaleWordSecondaryCaptureImageStorage
 from pydicom.valuerep import DS, IS
 
 from dicomnode.derived import series_description_for, uuid5_uid, view_angles_of, window_for
@@ -148,7 +148,7 @@ def build_sweep_instance(
             ds.add(copy.deepcopy(element))
     ds.file_meta = copy.deepcopy(first.file_meta)
     ds.file_meta.MediaStorageSOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
     ds.SOPInstanceUID = sop_uid

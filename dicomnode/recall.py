@@ -134,7 +134,7 @@ def plan_recall(session: Session, selector: RecallSelector, reason: RecallReason
 
 
 def _read_outputs(store: InstanceStore, study: StudyRecall) -> list[pydicom.Dataset]:
-    datasets = []
+    datasets: list[pydicom.Dataset] = []
     for path, uid in zip(study.paths, study.sop_instance_uids, strict=True):
         try:
             datasets.append(pydicom.dcmread(store.absolute(path), stop_before_pixels=True))
