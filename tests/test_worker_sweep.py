@@ -20,9 +20,9 @@ MF_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
 
 
 def test_sweep_rule_adds_one_multiframe_instance_per_request(tmp_path: Path, tiny_pixel_model_dir: Path) -> None:
-    model = tiny_pixel_model_dir
-    extra = "sweep = true"
-    config = node_config(tmp_path, port=11112, model=model, pacs_port=None, settle_s=0, azimuths="[30, -30, 0]", rule_extra=extra)
+    model, views = tiny_pixel_model_dir, "[30, -30, 0]"
+    config = node_config(tmp_path, port=11112, model=model, pacs_port=None, settle_s=0, azimuths=views)
+    config.write_text(config.read_text() + "sweep = true\n")  # the rule is the file's last table
     settings = load_settings(config)
     assert settings.rules[0].sweep is True
     receive(settings, chest())
