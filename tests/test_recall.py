@@ -292,3 +292,30 @@ def test_recall_of_nothing_is_not_found(site: Path, capsys: pytest.CaptureFixtur
     config = _config(site, 4242)
     assert main(["recall", "--config", str(config), "--series", "1.2.3"]) == ExitCode.NOT_FOUND
     assert "no derived output" in capsys.readouterr().out
+
+
+def test_migration_0002_recall_goes_down_and_up_again(db_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from storage.db import alembic_config, current_revision
+
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+        assert "recalls" in inspect(engine).get_table_names()
+        config = alembic_config()
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0001")
+        assert current_revision(engine) == "0001"
+        assert "recalls" not in inspect(engine).get_table_names()
+        assert "recall_id" not in {c["name"] for c in inspect(engine).get_columns("outputs")}
+        upgrade(engine)
+        sessions = session_factory(engine)
+        with sessions.begin() as session:
+            instance = storage_dbs.add_instance(session, 1, origin="derived")
+            (delivery,) = create_deliveries(session, instance.id, [PACS])
+            delivery.state = "cancelled"  # the widened check constraint accepts it
+    finally:
+        engine.dispose()

@@ -51,6 +51,8 @@ def format_chain(chain: object) -> list[str]:
             lines.append(f"         last error: {j.last_error.splitlines()[0][:100]}")
         for o in j.outputs:
             mark = "  <-- queried" if o.instance.sop_instance_uid == chain.queried_uid else ""
+            if o.instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7.3":  # Multi-frame Grayscale Word SC
+                mark += "  (rotation sweep: all views as frames; angles below are its first frame's)"
             lines.append(f"  output {o.instance.sop_instance_uid}{mark}")
             lines.append(
                 f"         az {o.azimuth:+g} el {o.elevation:+g}  series {o.series_instance_uid}  "
