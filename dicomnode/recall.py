@@ -2,7 +2,9 @@
 
 ``dicomnode recall`` chooses outputs by model identity, job or series; :func:`plan_recall` groups
 those not yet recalled by study and finds, for each study, every peer that acknowledged one of
-them (a ``sent`` delivery). :func:`execute_recall` then, per study and in one transaction: writes
+them (a ``sent`` delivery) or may hold one without having said so (a delivery with at least one
+attempt: a timeout can follow a completed store). A note about instances a peer never got is
+harmless; an unwithdrawn instance is not. :func:`execute_recall` then, per study and in one transaction: writes
 the rejection note (:mod:`dicomnode.rejection_note`) to the store and records it, records the
 recall (reason, selector, who, when) and marks the outputs recalled, cancels their undelivered
 deliveries, and queues a delivery of the note to each of those peers. The node's delivery loop
@@ -18,7 +20,7 @@ from typing import Literal
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.errors import RecallError, StorageError
@@ -115,7 +117,10 @@ def plan_recall(session: Session, selector: RecallSelector, reason: RecallReason
         instance_ids = [instance.id for _, instance in pairs]
         acknowledged = session.scalars(
             select(Delivery)
-            .where(Delivery.output_instance_id.in_(instance_ids), Delivery.state == "sent")
+            .where(
+                Delivery.output_instance_id.in_(instance_ids),
+                or_(Delivery.state == "sent", Delivery.attempts > 0),
+            )
             .order_by(Delivery.peer_name, Delivery.id)
         )
         targets: dict[str, DeliveryTarget] = {}

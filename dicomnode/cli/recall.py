@@ -3,7 +3,7 @@
 Choose the outputs with exactly one of ``--model IDENTITY``, ``--job ID`` or ``--series UID``.
 Per study, a Key Object Selection Document titled "Rejected for Quality Reasons" (113001, DCM) or
 "Rejected for Patient Safety Reasons" (113037, DCM) is stored, recorded and queued to every peer
-that acknowledged one of the outputs; the outputs are marked recalled and never sent again.
+that acknowledged (or was tried with) one of the outputs; the outputs are marked recalled and never sent again.
 ``--dry-run`` prints the plan and changes nothing.
 """
 
