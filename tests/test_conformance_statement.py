@@ -27,7 +27,14 @@ from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomnode.config import PeerSettings
+from dicomnode.config import (
+    LoopPreventionSettings,
+    NodeSettings,
+    OutputSettings,
+    PeerSettings,
+    SchedulerSettings,
+    SecuritySettings,
+)
 from dicomnode.derived import GeneratorInfo, build_derived_instances
 from dicomnode.scu import echo, send
 from tests.dicom_nodes import CALLING, Node, node_factory
@@ -136,12 +143,17 @@ def negotiate(node: Node, contexts: list[tuple[str, str]]) -> set[tuple[str, str
     """Propose (abstract syntax, transfer syntax) pairs, one context each, to the real SCP in as many
     associations as needed; return the pairs it accepted."""
     accepted: set[tuple[str, str]] = set()
+    implementation = {row["Item"]: row["Value"] for row in rows("implementation")}
     for start in range(0, len(contexts), MAX_CONTEXTS):
         ae = AE(ae_title=CALLING)
         for abstract_syntax, transfer_syntax in contexts[start : start + MAX_CONTEXTS]:
             ae.add_requested_context(abstract_syntax, [transfer_syntax])
         assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.node.ae_title)
         assert assoc.is_established, "the SCP refused an association it should accept"
+        acceptor = assoc.acceptor
+        assert acceptor.implementation_class_uid == implementation["Implementation Class UID"]
+        assert acceptor.implementation_version_name == implementation["Implementation Version Name"]
+        assert acceptor.maximum_length == int(implementation["Maximum PDU length received"])
         accepted |= {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
         assoc.release()
     return accepted
@@ -227,6 +239,7 @@ def test_scu_proposes_the_documented_contexts(recorder: tuple) -> None:
 def test_written_objects_are_the_documented_ones() -> None:
     documented = {row["SOP Class UID"]: row for row in rows("written-objects", "implemented")}
     assert set(documented) == set(WRITERS), "a writer is missing from the statement or from WRITERS"
+    implementation = {row["Item"]: row["Value"] for row in rows("implementation")}
     for sop_class, build in WRITERS.items():
         row = documented[sop_class]
         module, _, function = row["Writer"].rpartition(".")
@@ -234,6 +247,7 @@ def test_written_objects_are_the_documented_ones() -> None:
         for ds in map(written, build()):
             assert ds.SOPClassUID == sop_class
             assert ds.file_meta.TransferSyntaxUID == row["Transfer Syntax UID"]
+            assert ds.file_meta.ImplementationClassUID == implementation["File Meta Implementation Class UID"]
     planned = set(uids("written-objects", "SOP Class UID", "planned"))
     assert not planned & set(WRITERS)
 
@@ -264,3 +278,34 @@ def test_sc_attribute_annex_matches_what_the_writer_emits(tmp_path: Path) -> Non
             assert emitted <= set(documented), f"{name}: not in the annex: {sorted(emitted - set(documented))}"
             assert always <= emitted, f"{name}: documented as always but missing: {sorted(always - emitted)}"
             assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+def documented_value(text: str) -> object:
+    return {"true": True, "false": False, "none": None, "[]": ()}.get(text, text)
+
+
+def test_configuration_table_names_real_keys_with_their_defaults(tmp_path: Path) -> None:
+    # The built-in defaults (config.py), not a site file.
+    defaults = {
+        "node": NodeSettings(storage_dir=tmp_path),
+        "security": SecuritySettings(),
+        "output": OutputSettings(),
+        "scheduler": SchedulerSettings(),
+        "loop_prevention": LoopPreventionSettings(),
+    }
+    for row in rows("configuration"):
+        section, _, key = row["Key"].strip("`").partition(".")
+        value = getattr(defaults[section], key)
+        expected = documented_value(row["Default"])
+        if isinstance(value, bool | tuple) or value is None:
+            assert value == expected, row["Key"]
+        elif isinstance(value, int | float):
+            assert value == float(str(expected)), row["Key"]
+        else:
+            assert str(value) == expected, row["Key"]
+    # Every `section.key` the statement mentions anywhere is a real setting.
+    for section, key in re.findall(r"`([a-z_]+)\.([a-z_]+)`", STATEMENT.read_text()):
+        assert hasattr(defaults[section], key), f"{section}.{key}"
