@@ -309,3 +309,56 @@ def test_configuration_table_names_real_keys_with_their_defaults(tmp_path: Path)
     # Every `section.key` the statement mentions anywhere is a real setting.
     for section, key in re.findall(r"`([a-z_]+)\.([a-z_]+)`", STATEMENT.read_text()):
         assert hasattr(defaults[section], key), f"{section}.{key}"
+
+
+# ---- association policy and C-STORE statuses ----------------------------------------------------
+
+
+def leading_number(cell: str) -> int:
+    return int(cell.split()[0])
+
+
+def associate(node: Node, calling: str, called: str):  # noqa: ANN201 - a pynetdicom Association
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", node.port, ae_title=called)
+
+
+def test_association_rejections_are_the_documented_ones(node: Node) -> None:
+    expected = [
+        tuple(leading_number(row[column]) for column in ("Result", "Source", "Reason/Diag."))
+        for row in rows("association-rejections")
+    ]
+    ours = node.settings.node.ae_title
+    allowed = node.settings.security.allowed_calling_ae_titles
+    assert allowed and "INTRUDER" not in allowed and node.settings.security.require_called_ae_title
+    seen = []
+    for calling, called in (("INTRUDER", ours), (CALLING, "NOT" + ours)):
+        assoc = associate(node, calling, called)
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        seen.append((rj.result, rj.result_source, rj.diagnostic))
+    limit = node.settings.node.max_associations
+    held = [associate(node, CALLING, ours) for _ in range(limit)]
+    try:
+        assert all(assoc.is_established for assoc in held)
+        extra = associate(node, CALLING, ours)
+        assert extra.is_rejected
+        rj = extra.acceptor.primitive
+        seen.append((rj.result, rj.result_source, rj.diagnostic))
+    finally:
+        for assoc in held:
+            assoc.release()
+    assert seen == expected
+
+
+def test_c_store_statuses_are_the_scp_s(node: Node) -> None:
+    from dicomnode import scp
+
+    documented = {int(row["Status"], 16) for row in rows("c-store-statuses")}
+    names = ("SUCCESS", "DUPLICATE_SOP_INSTANCE", "OUT_OF_RESOURCES", "DATA_SET_DOES_NOT_MATCH_SOP_CLASS",
+             "CANNOT_UNDERSTAND", "INVALID_UID", "SOP_INSTANCE_MISMATCH")  # fmt: skip
+    assert documented == {getattr(scp, name) for name in names}
+    status_constants = {v for k, v in vars(scp).items() if k.isupper() and isinstance(v, int) and 0 <= v <= 0xFFFF
+                        and k not in ("ERROR_COMMENT_MAX",)}  # fmt: skip
+    assert status_constants == documented, "a status constant of dicomnode.scp is not in the statement"
