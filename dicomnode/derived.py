@@ -63,6 +63,7 @@ from dicomnode.derived_codes import (
     coding_scheme_items,
 )
 from dicomnode.errors import ConfigError, DicomInputError, SynthesisError
+from synthesis.voi_window import body_window
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +240,9 @@ def view_patient_orientation(source_orientation: Sequence[str] | None, azimuth: 
 
 
 def window_for(pixel_array: np.ndarray) -> tuple[float, float]:
-    """Window Center/Width that span the image's own range (PS3.3 C.11.2.1.2.1, linear)."""
-    low, high = float(pixel_array.min()), float(pixel_array.max())
-    return (low + high + 1.0) / 2.0, high - low + 1.0
+    """Window Center/Width (PS3.3 C.11.2.1.2.1, LINEAR) from the image's body: its 10th..99th
+    percentile above the background, the rule of :func:`synthesis.voi_window.body_window`."""
+    return body_window(pixel_array)
 
 
 def series_description_for(prefix: str, views: Sequence[tuple[float, float]]) -> str:
@@ -401,7 +402,7 @@ def build_derived_instances(
     """One Secondary Capture Image (PS3.3 A.8.1) per view, in the source's study, new series.
 
     `pixels[i]` is the MONOCHROME2 image of `views[i]` (azimuth, elevation in degrees);
-    `window_centers`/`window_widths` None means the window spans each image's own range. The
+    `window_centers`/`window_widths` None means each image's window spans its body (:func:`window_for`). The
     returned datasets are complete: they can be written with ``save_as(..., enforce_file_format=True)``.
     """
     _check_source(source)

@@ -25,6 +25,7 @@ from dicomnode.config import Settings
 from dicomnode.derived import GeneratorInfo, build_derived_instances, device_uid_for
 from dicomnode.derived_sweep import build_sweep_instance
 from dicomnode.errors import ModelLoadError, NodeError
+from dicomnode.log_config import quiet_libraries
 from dicomnode.rules import facts_from_dataset, loop_reason
 from storage.db import make_engine, session_factory
 from storage.deliveries import DeliveryTarget, create_deliveries
@@ -272,6 +273,7 @@ def worker_device(device: Any, gpu_index: int | None) -> Any:
 def worker_main(settings: Settings, worker_id: str, gpu_index: int | None, stop: Any, log_level: int) -> None:
     """Entry point of a worker process (multiprocessing 'spawn')."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s")
+    quiet_libraries(show=log_level <= logging.DEBUG)  # as the CLI set it in the parent (spawn forgets)
     try:
         SynthesisWorker(settings, worker_id, gpu_index).run(stop)
     except ModelLoadError:
