@@ -238,9 +238,16 @@ class EngineSettings:
     guidance_scale: float = 3.0
     max_batch: int = 8
     seed: int = 0
+    # The consistency gate's threshold, overriding the model's (dicomnode-model.json); None: the model's.
+    consistency_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, "engine")
+        threshold = self.consistency_threshold
+        if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+                raise ConfigError(f"engine.consistency_threshold: must be a number, got {threshold!r}")
+            object.__setattr__(self, "consistency_threshold", float(threshold))
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"engine.device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
