@@ -6,8 +6,8 @@ reason (:class:`dicomnode.errors.InputRefused`), never retried:
 1. **Intended inputs**, from the source's header alone, before any pixel work: Modality
    (0008,0060), Body Part Examined (0018,0015), View Position (0018,5101), Photometric
    Interpretation (0028,0004), Rows/Columns, and the requested elevations against the model's
-   trained range. The model declares them in ``dicomnode-model.json``
-   (:mod:`synthesis.model_meta`); a model that declares a list refuses a header without the value.
+   trained range. The model declares them in ``dicomnode-model.json`` (:mod:`synthesis.model_meta`),
+   matched as the site's rules match: [] = any, "" in a list admits a header without the value.
 2. **Consistency score**: how well the model grounds the prepared input
    (:mod:`synthesis.consistency`); below the model's threshold the input is refused. A model
    without a calibrated threshold refuses everything, saying so, until it is calibrated or the site
@@ -54,10 +54,11 @@ def intended_input_problem(ds: pydicom.Dataset, elevations: Sequence[float], met
         if not allowed:
             continue
         value = _header(ds, keyword)
-        if not value:
-            return f"{keyword} is absent; the model is intended for {'/'.join(allowed)}"
+        named = "/".join(a for a in allowed if a) + (" or absent" if "" in allowed else "")
+        if not value and "" not in allowed:
+            return f"{keyword} is absent; the model is intended for {named}"
         if value not in allowed:
-            return f"{keyword} {value} is outside the model's intended inputs ({'/'.join(allowed)})"
+            return f"{keyword} {value} is outside the model's intended inputs ({named})"
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < intended.min_rows or columns < intended.min_columns:
         return f"image {rows}x{columns} is smaller than the model's minimum {intended.min_rows}x{intended.min_columns}"

@@ -6,24 +6,26 @@ A small JSON file, ``dicomnode-model.json``, sits beside ``model_index.json``::
       "format": 1,
       "recommended": {"steps": 20, "guidance_scale": 1.5},
       "intended_inputs": {
-        "modalities": ["CR", "DX"], "body_parts": ["CHEST"], "view_positions": ["PA"],
+        "modalities": ["CR", "DX"], "body_parts": ["CHEST", ""], "view_positions": ["PA", ""],
         "photometric_interpretations": ["MONOCHROME1", "MONOCHROME2"],
         "min_rows": 64, "min_columns": 64, "elevation_range": [0, 0]
       },
       "gate": {"method": "denoise", "threshold": 20.7, "calibration": {...}}
     }
 
-A list of allowed values that is empty (or null) allows any value; a value the header lacks is
-refused when the model declares a list (the node cannot tell that the input is intended).
+The lists match as the site's rules do: case-insensitively and exactly; an empty list (or null)
+allows any value; an input without the attribute matches only an empty list or one containing ""
+(otherwise it is refused: the node cannot tell that the input is intended).
 ``gate.threshold`` is in the method's unit (dB for the denoising scores, SSIM for identity-ssim);
 ``calibration`` records how it was chosen (data, n, mean, std, percentiles, date, command).
 
 A model folder **without** the file gets :data:`DEFAULT_META`, which is conservative: the
 intended inputs of the SV-DRR method (CR/DX chest PA, MONOCHROME1/2, at least 64 px, elevations
-within +-90 degrees), the sampler defaults of the published code (20 steps, guidance 3.0), and a
-gate with **no threshold**: every job is refused with a reason saying that the model is not
-calibrated, until the model gets the file (``benchmarks/calibrate_gate.py``) or the site sets
-``[engine] consistency_threshold``. The gate is never silently disabled.
+within +-90 degrees; Body Part and View Position may be absent, as the shipped rule allows), the
+sampler defaults of the published code (20 steps, guidance 3.0), and a gate with **no threshold**:
+every job is refused with a reason saying that the model is not calibrated, until the model gets
+the file (``benchmarks/calibrate_gate.py``) or the site sets ``[engine] consistency_threshold``.
+The gate is never silently disabled.
 
 This module imports neither torch nor ``dicomnode``, so the command line can read a model's
 defaults cheaply.
@@ -47,8 +49,8 @@ class IntendedInputs:
     """The inputs a model was made for; an empty tuple allows any value."""
 
     modalities: tuple[str, ...] = ("CR", "DX")
-    body_parts: tuple[str, ...] = ("CHEST",)
-    view_positions: tuple[str, ...] = ("PA",)
+    body_parts: tuple[str, ...] = ("CHEST", "")
+    view_positions: tuple[str, ...] = ("PA", "")
     photometric_interpretations: tuple[str, ...] = ("MONOCHROME1", "MONOCHROME2")
     min_rows: int = 64
     min_columns: int = 64
@@ -98,7 +100,7 @@ def _strings(path: Path, key: str, value: Any, default: tuple[str, ...]) -> tupl
         return default
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _fail(path, f"intended_inputs.{key} must be a list of strings, got {value!r}")
     return tuple(v.strip().upper() for v in value)
 
