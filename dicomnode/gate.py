@@ -74,7 +74,7 @@ def check_intended_input(ds: pydicom.Dataset, elevations: Sequence[float], meta:
     """Raise :class:`InputRefused` when the source or the request is outside the intended inputs."""
     problem = intended_input_problem(ds, elevations, meta)
     if problem:
-        raise InputRefused(f"refused: {problem}")
+        raise InputRefused(problem)
 
 
 def check_score(value: float, method: str, meta: ModelMeta) -> None:
@@ -83,14 +83,14 @@ def check_score(value: float, method: str, meta: ModelMeta) -> None:
     threshold = meta.gate.threshold
     if threshold is None:
         raise InputRefused(
-            f"refused: the model is not calibrated for the consistency gate (no threshold in {META_FILENAME}, "
+            f"the model is not calibrated for the consistency gate (no threshold in {META_FILENAME}, "
             f"no [engine] consistency_threshold); score {method} {value:.2f}{unit}",
             score=value,
             method=method,
         )
     if value < threshold:
         raise InputRefused(
-            f"refused: consistency score {method} {value:.2f}{unit} is below the model's threshold "
+            f"consistency score {method} {value:.2f}{unit} is below the model's threshold "
             f"{threshold:.2f}{unit}: the model cannot ground its output in this input",
             score=value,
             method=method,
