@@ -6,6 +6,11 @@ is loaded once, on the first job, and kept read-only. For each job, in one trans
 pixels are made: derived instances written to the store and recorded, one Output row per view, a
 pending Delivery per destination, the job marked done. Re-running a job after a crash produces the
 same UIDs (deterministic) and finds the instances already there, so nothing is duplicated.
+
+Before any of that, the consistency gate (:mod:`dicomnode.gate`): an input outside the model's
+intended inputs, or scored below its threshold, ends the job ``refused`` with the score and the
+reason, nothing written. Deterministic failures (:func:`dicomnode.errors.is_permanent`) end the job
+``failed`` at once; only transient ones (engine crash, out of memory, database busy) are retried.
 """
 
 from __future__ import annotations

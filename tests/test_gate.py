@@ -287,3 +287,28 @@ def test_permanent_and_transient_errors() -> None:
         OperationalError("UPDATE jobs", {}, Exception("database is locked")),
     ):
         assert not is_permanent(transient)
+
+
+def identity_settings(folder: Path, model: Path) -> Settings:
+    """The identity view depends on the sampler (unlike the denoising score): the demo's own settings."""
+    folder.mkdir()
+    config = gate_settings(folder, model=model)
+    config.write_text(config.read_text().replace("steps = 2\n", "steps = 20\n").replace("= 3.0\n", "= 1.5\n"))
+    return load_settings(config)
+
+
+def test_identity_view_method_scores_the_identity_view_synthesised_with_the_job(tmp_path: Path) -> None:
+    """The simpler score: SSIM of the identity view (0, 0), made in the same batch, against the input."""
+    model = tmp_path / "model"
+    shutil.copytree(DEMO, model, ignore=shutil.ignore_patterns("evaluation", "sample"))
+    meta = json.loads((model / META_FILENAME).read_text())
+    meta["gate"] = {"method": "identity-ssim", "threshold": 0.7}
+    (model / META_FILENAME).write_text(json.dumps(meta))
+    settings = identity_settings(tmp_path / "a", model)
+    worker, job = run_job(settings, sample())
+    assert job.state == "done" and job.consistency_method == "identity-ssim" and job.consistency_score >= 0.7
+    with worker.sessions() as session:
+        assert sorted(o.azimuth for o in session.query(Output)) == [-30.0, 30.0], "the identity view is not written"
+    settings = identity_settings(tmp_path / "b", model)
+    worker, job = run_job(settings, uniform())
+    assert job.state == "refused" and job.consistency_score < 0.7 and "identity-ssim" in job.last_error
