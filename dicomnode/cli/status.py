@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from dicomnode.cli.common import open_sessions, settings_from
 from dicomnode.cli.config import add_config_argument
 from dicomnode.cli.exitcodes import ExitCode
-from dicomnode.config import PeerSettings
+from dicomnode.config import PeerSettings, Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,12 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def gate_summary(settings: object) -> str:
+def gate_summary(settings: Settings) -> str:
     """The consistency gate the worker applies: method, threshold and where it comes from."""
     from dicomnode.errors import ModelLoadError
     from dicomnode.gate import model_meta_for
 
-    engine = settings.engine  # type: ignore[attr-defined]
+    engine = settings.engine
     try:
         meta = model_meta_for(engine.model, engine.consistency_threshold)
     except ModelLoadError as e:
