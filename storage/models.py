@@ -36,7 +36,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 from sqlalchemy.types import TypeDecorator
 
 ORIGINS: tuple[str, ...] = ("received", "derived")
-JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "waiting_model")
+JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "waiting_model", "refused")
 DELIVERY_STATES: tuple[str, ...] = ("pending", "sent", "failed", "cancelled")
 RECALL_REASONS: tuple[str, ...] = ("quality", "safety")
 
@@ -166,7 +166,8 @@ class Job(Base):
     """One synthesis request: an input instance, the views a rule asked for, where to send them.
 
     ``request_key`` is a hash of input + rule + model computed by the scheduler, so a re-received
-    instance finds its existing job instead of queuing a second one.
+    instance finds its existing job instead of queuing a second one. ``refused`` is terminal: the
+    model cannot ground the input (``last_error`` says why, ``consistency_score`` by how much).
     """
 
     __tablename__ = "jobs"
@@ -192,6 +193,9 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     request_key: Mapped[str] = mapped_column(String(128), unique=True)
+    # The consistency gate's score of the input (higher = better grounded) and its method.
+    consistency_score: Mapped[float | None] = mapped_column(Float)
+    consistency_method: Mapped[str | None] = mapped_column(String(32))
 
     input_instance: Mapped[Instance] = relationship(back_populates="jobs")
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")

@@ -115,6 +115,8 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     last_error: str | None
+    consistency_score: float | None
+    consistency_method: str | None
     outputs: tuple[OutputRecord, ...]
 
 

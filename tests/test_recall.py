@@ -295,7 +295,7 @@ def test_recall_of_nothing_is_not_found(site: Path, capsys: pytest.CaptureFixtur
     assert "no derived output" in capsys.readouterr().out
 
 
-def test_migration_0002_recall_goes_down_and_up_again(db_url: str) -> None:
+def test_migration_0003_recall_goes_down_and_up_again(db_url: str) -> None:
     from alembic import command
     from sqlalchemy import inspect
 

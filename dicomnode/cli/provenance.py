@@ -47,7 +47,11 @@ def format_chain(chain: object) -> list[str]:
             f"job {j.id}   rule {j.rule_name!r}  state {j.state}  attempts {j.attempts}/{j.max_attempts}  "
             f"created {when(j.created_at)}  finished {when(j.finished_at)}"
         )
-        if j.last_error:
+        if j.consistency_score is not None:
+            lines.append(f"         consistency {j.consistency_method or '?'} {j.consistency_score:.2f}")
+        if j.state == "refused":
+            lines.append(f"         REFUSED, nothing written or sent: {(j.last_error or '').splitlines()[0][:200]}")
+        elif j.last_error:
             lines.append(f"         last error: {j.last_error.splitlines()[0][:100]}")
         for o in j.outputs:
             mark = "  <-- queried" if o.instance.sop_instance_uid == chain.queried_uid else ""

@@ -1,7 +1,7 @@
 """Recalls (IHE IOCM rejection notes): a recalls table, recall marks on outputs, cancelled deliveries.
 
-Revision ID: 0002_recall
-Revises: 0001
+Revision ID: 0003_recall
+Revises: 0002_gate
 Create Date: 2026-11-30
 
 Written out in full rather than imported from storage.models, so that this revision keeps
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_recall"
-down_revision: str | None = "0001"
+revision: str = "0003_recall"
+down_revision: str | None = "0002_gate"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
