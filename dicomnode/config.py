@@ -34,6 +34,7 @@ from typing import Any, get_args, get_type_hints
 from dicomnode.aetitle import validate_ae_title
 from dicomnode.errors import ConfigError
 from dicomnode.rules import Rule, SkipDerived
+from dicomnode.vr import MAX_LENGTH, SERIES_DESCRIPTION_PREFIX_MAX, code_string_problem, string_problem
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 SERIES_NUMBERS = range(900, 1000)
 SKIP_DERIVED_VALUES: tuple[SkipDerived, ...] = get_args(SkipDerived)  # ("secondary", "all", "none")
 _PEER_NAME = re.compile(r"[A-Za-z0-9_-]+")
-_CS_VALUE = re.compile(r"[A-Z0-9 _]{1,16}")  # PS3.5 Table 6.2-1, VR CS
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NO_OVERRIDES: Mapping[str, object] = MappingProxyType({})
 
 
@@ -111,11 +110,10 @@ def _check_host(key: str, value: str) -> None:
 
 
 def _check_text(key: str, value: str, max_length: int) -> None:
-    """A non-empty single value of a text VR such as LO: no backslash, no control characters."""
-    if not value.strip() or len(value) > max_length or "\\" in value or _CONTROL.search(value):
-        raise ConfigError(
-            f"{key}: must be 1..{max_length} characters without backslash or control characters, got {value!r}"
-        )
+    """A single value of a text VR such as LO, as the writer accepts it (:mod:`dicomnode.vr`)."""
+    problem = string_problem(value, "LO", max_length)
+    if problem:
+        raise ConfigError(f"{key}: {problem} (1..{max_length} printable ASCII characters), got {value!r}")
 
 
 def mask_database_url(url: str) -> str:
@@ -238,9 +236,18 @@ class EngineSettings:
     guidance_scale: float = 3.0
     max_batch: int = 8
     seed: int = 0
+    # The consistency gate's threshold, overriding the model's (dicomnode-model.json); None: the model's.
+    consistency_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _check_fields(self, "engine")
+        threshold = self.consistency_threshold
+        if threshold == "":  # "" in the file means "not set": the model's own threshold
+            object.__setattr__(self, "consistency_threshold", threshold := None)
+        if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+                raise ConfigError(f"engine.consistency_threshold: must be a number, got {threshold!r}")
+            object.__setattr__(self, "consistency_threshold", float(threshold))
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"engine.device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
@@ -288,15 +295,21 @@ class OutputSettings:
     modality: str = "OT"
     series_description_prefix: str = "SYNTHETIC"
     manufacturer: str = "dicomnode"
+    sweep_series_number: int = 902  # the rotation sweep of a rule with sweep = true
+    sweep_frame_time_ms: float = 250.0  # Frame Time of the sweep, ms per frame
+    recall_series_number: int = 990  # the rejection notes of `dicomnode recall`
 
     def __post_init__(self) -> None:
         _check_fields(self, "output")
         _check_range("output.series_number", self.series_number, SERIES_NUMBERS.start, SERIES_NUMBERS.stop - 1)
-        if not _CS_VALUE.fullmatch(self.modality):
+        for key in ("sweep_series_number", "recall_series_number"):
+            _check_range(f"output.{key}", getattr(self, key), SERIES_NUMBERS.start, SERIES_NUMBERS.stop - 1)
+        _check_range("output.sweep_frame_time_ms", self.sweep_frame_time_ms, 1, 60_000)
+        if code_string_problem(self.modality):
             raise ConfigError(f"output.modality: must be a Code String (A-Z, 0-9, 1..16), got {self.modality!r}")
-        # Series Description is LO (64 characters); the prefix leaves room for the view label.
-        _check_text("output.series_description_prefix", self.series_description_prefix, 32)
-        _check_text("output.manufacturer", self.manufacturer, 64)
+        # Series Description is LO (64 characters); the prefix leaves room for the writer's view label.
+        _check_text("output.series_description_prefix", self.series_description_prefix, SERIES_DESCRIPTION_PREFIX_MAX)
+        _check_text("output.manufacturer", self.manufacturer, MAX_LENGTH["LO"])
 
 
 @dataclass(frozen=True, kw_only=True)

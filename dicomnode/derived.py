@@ -63,6 +63,14 @@ from dicomnode.derived_codes import (
     coding_scheme_items,
 )
 from dicomnode.errors import ConfigError, DicomInputError, SynthesisError
+from dicomnode.vr import (
+    MAX_LENGTH,
+    SERIES_DESCRIPTION_LABEL_MAX,
+    SERIES_DESCRIPTION_PREFIX_MAX,
+    code_string_problem,
+    string_problem,
+)
+from synthesis.voi_window import body_window
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +78,19 @@ logger = logging.getLogger(__name__)
 _LOSSY_STILL = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, JPEG2000MC, HTJ2K}
 LOSSY_TRANSFER_SYNTAXES = frozenset(_LOSSY_STILL | set(MPEGTransferSyntaxes))
 _MAX_UID_LENGTH = 64  # PS3.5 9.1
-_LO_MAX = 64  # PS3.5 Table 6.2-1, Long String
+_LO_MAX = MAX_LENGTH["LO"]  # PS3.5 Table 6.2-1, Long String
 _UID_VALUE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # PS3.5 9.1
 _HEX_IDENTITY = re.compile(r"[0-9a-f]{8,128}")
-_CS_VALUE = re.compile(r"[A-Z0-9 _]{1,16}")
 _ANGLES_TEXT = re.compile(r"azimuth_deg=(?P<az>[-+0-9.eE]+); elevation_deg=(?P<el>[-+0-9.eE]+);")
 _WARNING = "Synthetic view, not an acquired image; not for diagnosis."
 
 
-def _uuid5_uid(name: str) -> str:
+def uuid5_uid(name: str) -> str:
     """PS3.5 B.2: a UID from a UUID is "2.25." followed by the UUID as one decimal integer."""
     return f"2.25.{uuid.uuid5(PROJECT_UID_NAMESPACE, name).int}"
+
+
+_uuid5_uid = uuid5_uid
 
 
 def device_uid_for(model_identity: str) -> str:
@@ -152,11 +162,10 @@ def derived_uids(
 
 
 def _check_lo(field: str, value: object) -> None:
-    """PS3.5 Table 6.2-1 Long String: at most 64 characters, no backslash, no control characters."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{field} {value!r} must be a non-empty string")
-    if len(value) > _LO_MAX or "\\" in value or not value.isprintable():
-        raise ConfigError(f"{field} {value!r} is not a DICOM Long String (<= 64 printable, no '\\')")
+    """PS3.5 Table 6.2-1 Long String, as :mod:`dicomnode.vr` (and so the configuration) checks it."""
+    problem = string_problem(value, "LO")
+    if problem:
+        raise ConfigError(f"{field} {value!r} is not a DICOM Long String: {problem}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,9 +245,9 @@ def view_patient_orientation(source_orientation: Sequence[str] | None, azimuth: 
 
 
 def window_for(pixel_array: np.ndarray) -> tuple[float, float]:
-    """Window Center/Width that span the image's own range (PS3.3 C.11.2.1.2.1, linear)."""
-    low, high = float(pixel_array.min()), float(pixel_array.max())
-    return (low + high + 1.0) / 2.0, high - low + 1.0
+    """Window Center/Width (PS3.3 C.11.2.1.2.1, LINEAR) from the image's body: its 10th..99th
+    percentile above the background, the rule of :func:`synthesis.voi_window.body_window`."""
+    return body_window(pixel_array)
 
 
 def series_description_for(prefix: str, views: Sequence[tuple[float, float]]) -> str:
@@ -249,13 +258,19 @@ def series_description_for(prefix: str, views: Sequence[tuple[float, float]]) ->
         low, high = min(values), max(values)
         return f"{low:g}" if low == high else f"{low:g}..{high:g}"
 
-    elevations = [elevation for _, elevation in canonical]
-    text = f"{prefix} AI {'view' if len(canonical) == 1 else 'views'} az {span([a for a, _ in canonical])}"
-    if any(elevations):
-        text += f" el {span(elevations)}"
-    if len(canonical) > 1:
-        text += f" ({len(canonical)})"
-    return text[:_LO_MAX]
+    def label(values: list[tuple[float, float]]) -> str:
+        elevations = [elevation for _, elevation in values]
+        text = f" AI {'view' if len(canonical) == 1 else 'views'} az {span([a for a, _ in values])}"
+        if any(elevations):
+            text += f" el {span(elevations)}"
+        if len(canonical) > 1:
+            text += f" ({len(canonical)})"
+        return text
+
+    text = label(canonical)
+    if len(text) > SERIES_DESCRIPTION_LABEL_MAX:  # whole degrees always fit (vr.SERIES_DESCRIPTION_LABEL_MAX)
+        text = label([(round(a) + 0.0, round(e) + 0.0) for a, e in canonical])
+    return (prefix + text)[:_LO_MAX]
 
 
 def view_angles_of(ds: Dataset) -> tuple[float, float] | None:
@@ -398,7 +413,7 @@ def build_derived_instances(
     """One Secondary Capture Image (PS3.3 A.8.1) per view, in the source's study, new series.
 
     `pixels[i]` is the MONOCHROME2 image of `views[i]` (azimuth, elevation in degrees);
-    `window_centers`/`window_widths` None means the window spans each image's own range. The
+    `window_centers`/`window_widths` None means each image's window spans its body (:func:`window_for`). The
     returned datasets are complete: they can be written with ``save_as(..., enforce_file_format=True)``.
     """
     _check_source(source)
@@ -408,9 +423,10 @@ def build_derived_instances(
     if isinstance(series_number, bool) or not isinstance(series_number, int) or series_number < 1:
         raise SynthesisError(f"series_number {series_number!r} is not a positive integer")
     prefix = series_description_prefix
-    if not 0 < len(prefix) <= 24 or "\\" in prefix:
-        raise SynthesisError(f"series_description_prefix {prefix!r}: need 1-24 characters, no '\\'")
-    if not _CS_VALUE.fullmatch(modality):
+    problem = string_problem(prefix, "LO", SERIES_DESCRIPTION_PREFIX_MAX)
+    if problem:
+        raise SynthesisError(f"series_description_prefix {prefix!r} {problem}")
+    if code_string_problem(modality):
         raise SynthesisError(f"modality {modality!r} is not a DICOM Code String")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise SynthesisError(f"steps {steps!r} is not a positive integer")

@@ -158,6 +158,7 @@ class Rule:
     view_positions: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
     enabled: bool = True
+    sweep: bool = False  # also one Multi-frame SC per request, the views as cine frames (derived_sweep)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or _CONTROL.search(self.name):
@@ -192,6 +193,10 @@ class Rule:
         object.__setattr__(self, "destinations", destinations)
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"{where}.enabled: must be true or false, got {self.enabled!r}")
+        if not isinstance(self.sweep, bool):
+            raise ConfigError(f"{where}.sweep: must be true or false, got {self.sweep!r}")
+        if self.sweep and len(azimuths) < 2:
+            raise ConfigError(f"{where}.sweep: a rotation sweep needs at least two views, got {len(azimuths)}")
 
     @property
     def views(self) -> tuple[tuple[float, float], ...]:

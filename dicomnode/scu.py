@@ -9,6 +9,10 @@ compressed transfer syntax the items are encoded in, and one context proposing t
 syntaxes plus Explicit and Implicit VR Little Endian, which every Storage SCP supports (PS3.5 10.1).
 An item the peer accepted only uncompressed is decoded and sent uncompressed (its SOP Instance UID
 does not change: the transfer syntax is an encoding, not the object; Lossy Image Compression stays).
+
+Message IDs (PS3.7 9.3.1.1): each C-STORE request of an association gets its own Message ID, 1, 2, 3…
+in sending order, wrapping from 65535 back to 1 (the ID is an unsigned short; 0 is not used), so a
+peer's log and its responses tell the requests apart.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import copy
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -37,6 +41,7 @@ from dicomnode.errors import ConfigError, DeliveryError
 logger = logging.getLogger(__name__)
 
 MAX_PRESENTATION_CONTEXTS = 128  # context IDs are the odd numbers 1..255 (PS3.8 9.3.2.2)
+MAX_MESSAGE_ID = 0xFFFF  # Message ID (0000,0110) is US (PS3.7 E.1)
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
@@ -194,14 +199,24 @@ def _decompressed(ds: Dataset) -> Dataset:
     return plain
 
 
-def _store(assoc: Association, item: _Item) -> Dataset:
+def message_ids(first: int = 1) -> Iterator[int]:
+    """Message IDs for the requests of one association: ``first``, ``first`` + 1, … 65535, 1, 2, …"""
+    if not 1 <= first <= MAX_MESSAGE_ID:
+        raise ValueError(f"first Message ID {first!r} is not within 1..{MAX_MESSAGE_ID}")
+    msg_id = first
+    while True:
+        yield msg_id
+        msg_id = msg_id % MAX_MESSAGE_ID + 1
+
+
+def _store(assoc: Association, item: _Item, msg_id: int) -> Dataset:
     assert item.ds is not None
     try:
-        return assoc.send_c_store(item.ds)
+        return assoc.send_c_store(item.ds, msg_id=msg_id)
     except ValueError:  # no accepted context for this transfer syntax
         if not UID(item.TransferSyntaxUID).is_compressed:
             raise
-        return assoc.send_c_store(_decompressed(item.ds))
+        return assoc.send_c_store(_decompressed(item.ds), msg_id=msg_id)
 
 
 def send(
@@ -229,6 +244,7 @@ def send(
         )
     assoc = _associate(peer, calling_ae, contexts, timeout_s, security)
     results: list[SendResult] = []
+    next_message_id = message_ids()
     try:
         for item in read:
             if item.failed is not None:
@@ -239,7 +255,7 @@ def send(
                     f"peer {peer.name}: association lost after {len(results)} of {len(read)} instances"
                 )
             try:
-                status = _store(assoc, item)
+                status = _store(assoc, item, next(next_message_id))
             except Exception as e:  # encoding, decompression, no context: this item only
                 results.append(SendResult(item.SOPInstanceUID, None, f"{type(e).__name__}: {e}"))
                 logger.warning("peer %s: %s not sent: %s", peer.name, item.SOPInstanceUID, e)

@@ -6,6 +6,11 @@ is loaded once, on the first job, and kept read-only. For each job, in one trans
 pixels are made: derived instances written to the store and recorded, one Output row per view, a
 pending Delivery per destination, the job marked done. Re-running a job after a crash produces the
 same UIDs (deterministic) and finds the instances already there, so nothing is duplicated.
+
+Before any of that, the consistency gate (:mod:`dicomnode.gate`): an input outside the model's
+intended inputs, or scored below its threshold, ends the job ``refused`` with the score and the
+reason, nothing written. Deterministic failures (:func:`dicomnode.errors.is_permanent`) end the job
+``failed`` at once; only transient ones (engine crash, out of memory, database busy) are retried.
 """
 
 from __future__ import annotations
@@ -23,12 +28,24 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import __version__
 from dicomnode.config import Settings
 from dicomnode.derived import GeneratorInfo, build_derived_instances, device_uid_for
-from dicomnode.errors import ModelLoadError, NodeError
+from dicomnode.derived_sweep import build_sweep_instance
+from dicomnode.errors import InputRefused, ModelLoadError, NodeError, is_permanent
+from dicomnode.gate import check_intended_input, check_score, model_meta_for
+from dicomnode.log_config import quiet_libraries
 from dicomnode.rules import facts_from_dataset, loop_reason
 from storage.db import make_engine, session_factory
 from storage.deliveries import DeliveryTarget, create_deliveries
 from storage.instances import fields_from_dataset, find_instance, record_instance
-from storage.jobs import claim_next_job, complete_job, fail_job, get_job, wait_for_model
+from storage.jobs import (
+    claim_next_job,
+    complete_job,
+    fail_job,
+    fail_job_permanently,
+    get_job,
+    record_consistency,
+    refuse_job,
+    wait_for_model,
+)
 from storage.models import Instance, Job, utcnow
 from storage.outputs import record_output
 from storage.store import InstanceStore
@@ -88,15 +105,25 @@ class SynthesisWorker:
             return True
         try:
             self.process(job.id)
+        except InputRefused as e:  # the model cannot ground this input: terminal, nothing written
+            with self.sessions.begin() as session:
+                refuse_job(session, job.id, e.reason[:2000], e.score, e.method)
         except Exception as e:  # the job wrapper is a boundary: every failure becomes a job state
-            log.exception("job %d failed (attempt %d)", job.id, job.attempts + 1)
+            if is_permanent(e):  # deterministic: the same input fails the same way; one line, no retry
+                log.error("job %d failed, not retried: %s: %s", job.id, type(e).__name__, e)
+            else:
+                log.exception("job %d failed (attempt %d)", job.id, job.attempts + 1)
             self._fail(job, e)
         return True
 
     def _fail(self, job: Job, error: Exception) -> None:
+        message = f"{type(error).__name__}: {error}"[:2000]
+        if is_permanent(error):
+            with self.sessions.begin() as session:
+                fail_job_permanently(session, job.id, message)
+            return
         s = self.settings.scheduler
         delay = backoff_s(job.attempts + 1, s.backoff_initial_s, s.backoff_max_s)
-        message = f"{type(error).__name__}: {error}"[:2000]
         with self.sessions.begin() as session:
             fail_job(session, job.id, message, timedelta(seconds=delay))
 
@@ -130,6 +157,7 @@ class SynthesisWorker:
 
     # ----------------------------------------------------------------------------------- job
     def process(self, job_id: int) -> None:
+        from synthesis.consistency import identity_ssim, score_input
         from synthesis.radiograph import prepare_radiograph, restore_views
 
         t0 = time.perf_counter()
@@ -141,6 +169,7 @@ class SynthesisWorker:
             source_path = source_row.path
             azimuths, elevations = list(job.azimuths), list(job.elevations)
             destinations, request_key = list(job.destinations), job.request_key
+            rule_name = job.rule_name
         source = self.store.open_dataset(source_path)
         model = self.load_model()
         reason = loop_reason(
@@ -152,8 +181,17 @@ class SynthesisWorker:
                 complete_job(session, job_id)
             return
         engine = self.settings.engine
+        # The gate, before anything is written: intended inputs from the header, then the score.
+        meta = model_meta_for(engine.model, engine.consistency_threshold)
+        check_intended_input(source, elevations, meta)
         prepared = prepare_radiograph(source, model.pipe.resolution)
         t1 = time.perf_counter()
+        with_identity = meta.gate.method == "identity-ssim"
+        if with_identity:  # the identity view (0, 0) is synthesised in the same batch, then dropped
+            azimuths, elevations = [*azimuths, 0.0], [*elevations, 0.0]
+        else:
+            score = score_input(model.pipe, prepared.image, meta.gate.method)
+            check_score(score.value, score.method, meta)
         result = model.pipe(
             prepared.image,
             azimuths=azimuths,
@@ -164,8 +202,14 @@ class SynthesisWorker:
             max_batch=engine.max_batch,
         )
         synthesis_s = time.perf_counter() - t1
-        restored = restore_views(result.images, prepared.placement)
-        views = [(v.azimuth, v.elevation) for v in result.views]
+        images, result_views = result.images, list(result.views)
+        if with_identity:
+            score = identity_ssim(images[-1], prepared.image)
+            check_score(score.value, score.method, meta)
+            images, result_views = images[:-1], result_views[:-1]
+        logger.info("job %d: consistency %s passes the gate", job_id, score.describe())
+        restored = restore_views(images, prepared.placement)
+        views = [(v.azimuth, v.elevation) for v in result_views]
         out = self.settings.output
         generator = GeneratorInfo(
             manufacturer=out.manufacturer,
@@ -192,6 +236,7 @@ class SynthesisWorker:
             # Steps and guidance change the pixels, so they are part of the UIDs' identity too.
             request_key=f"{request_key}|steps={engine.steps}|guidance={engine.guidance_scale:g}",
         )
+        views = self._add_sweep(rule_name, datasets, views)
         targets = [self._target(name) for name in destinations]
         total_s = time.perf_counter() - t0
         with self.sessions.begin() as session:
@@ -222,6 +267,7 @@ class SynthesisWorker:
                         total_s=total_s,
                     )
                 create_deliveries(session, row.id, targets)
+            record_consistency(session, job_id, score.value, score.method)
             complete_job(session, job_id)
         logger.info(
             "job %d done: %d views in %.2f s (synthesis %.2f s), series %s",
@@ -231,6 +277,25 @@ class SynthesisWorker:
             synthesis_s,
             datasets[0].SeriesInstanceUID,
         )
+
+    def _add_sweep(
+        self, rule_name: str, datasets: list[Any], views: list[tuple[float, float]]
+    ) -> list[tuple[float, float]]:
+        """With ``sweep = true`` on the job's rule, append the rotation sweep of the views to
+        `datasets`; returns the angles to record per dataset (the sweep's are its first frame's)."""
+        rule = next((r for r in self.settings.rules if r.name == rule_name), None)
+        if rule is None or not rule.sweep or len(datasets) < 2:
+            return views
+        out = self.settings.output
+        datasets.append(
+            build_sweep_instance(
+                datasets,
+                series_number=out.sweep_series_number,
+                series_description_prefix=out.series_description_prefix,
+                frame_time_ms=out.sweep_frame_time_ms,
+            )
+        )
+        return [*views, min(views)]
 
     def _target(self, peer_name: str) -> DeliveryTarget:
         peer = self.settings.peer(peer_name)
@@ -250,6 +315,7 @@ def worker_device(device: Any, gpu_index: int | None) -> Any:
 def worker_main(settings: Settings, worker_id: str, gpu_index: int | None, stop: Any, log_level: int) -> None:
     """Entry point of a worker process (multiprocessing 'spawn')."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s")
+    quiet_libraries(show=log_level <= logging.DEBUG)  # as the CLI set it in the parent (spawn forgets)
     try:
         SynthesisWorker(settings, worker_id, gpu_index).run(stop)
     except ModelLoadError:

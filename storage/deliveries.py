@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dicomnode.errors import StorageError
 from storage.db import affected_rows
-from storage.models import DELIVERY_STATES, Delivery, utcnow
+from storage.models import DELIVERY_STATES, Delivery, Output, utcnow
+from storage.recalls import recall_of_instance
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,11 @@ def create_deliveries(
 ) -> list[Delivery]:
     """A pending delivery of the instance to each target; existing ones are kept as they are.
 
-    Idempotent on (output instance, peer name), so a retried job does not send twice.
+    Idempotent on (output instance, peer name), so a retried job does not send twice. A
+    recalled instance gets none (``StorageError``).
     """
     now = now or utcnow()
+    _refuse_recalled(session, output_instance_id)
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         insert: Any = postgresql.insert
@@ -88,13 +91,20 @@ def create_deliveries(
     )
 
 
+def _refuse_recalled(session: Session, output_instance_id: int) -> None:
+    recall_id = recall_of_instance(session, output_instance_id)
+    if recall_id is not None:
+        raise StorageError(f"instance {output_instance_id} was recalled (recall {recall_id}): it is never sent again")
+
+
 def due_deliveries(session: Session, now: datetime | None = None, limit: int = 100) -> list[Delivery]:
-    """Pending deliveries whose ``not_before`` has come, oldest first."""
+    """Pending deliveries whose ``not_before`` has come, oldest first; never one of a recalled output."""
     now = now or utcnow()
+    recalled = exists().where(Output.instance_id == Delivery.output_instance_id, Output.recall_id.is_not(None))
     return list(
         session.scalars(
             select(Delivery)
-            .where(Delivery.state == "pending", Delivery.not_before <= now)
+            .where(Delivery.state == "pending", Delivery.not_before <= now, ~recalled)
             .order_by(Delivery.not_before, Delivery.id)
             .limit(limit)
         )
@@ -196,8 +206,10 @@ def mark_failed(
 def resend(session: Session, delivery_id: int, now: datetime | None = None) -> Delivery:
     """An operator asks for a failed or already sent delivery to go again, with fresh attempts.
 
-    Sending the same instance again is safe: its UIDs and pixels are unchanged.
+    Sending the same instance again is safe: its UIDs and pixels are unchanged. A recalled
+    instance is refused (``StorageError``): a rejection note withdrew it.
     """
+    _refuse_recalled(session, get_delivery(session, delivery_id).output_instance_id)
     delivery = _transition(
         session,
         delivery_id,

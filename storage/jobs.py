@@ -3,7 +3,9 @@
 States: ``queued`` -> ``running`` (claimed by one worker) -> ``done``, or back to ``queued`` with
 a later ``not_before`` after a failure, until ``max_attempts`` failures make it ``failed``.
 ``waiting_model`` parks a job whose model is not available yet; ``release_waiting_jobs`` queues
-such jobs again.
+such jobs again. ``refused`` is terminal: the model cannot ground the input (outside its intended
+inputs, or a consistency score below its threshold); it is never retried, not even by
+``retry_job``, since the same input and model are refused the same way again.
 
 Every transition is a conditional UPDATE on the state (and attempt count) the caller read, so two
 workers, or a worker and an operator, can never both move the same job. ``claim_next_job`` runs
@@ -212,6 +214,68 @@ def fail_job(session: Session, job_id: int, error: str, backoff: timedelta, now:
     else:
         job = _transition(session, job_id, ("running",), state="failed", finished_at=now, **common)
         logger.error("job %d failed for good after %d attempts: %s", job_id, attempts, error)
+    return job
+
+
+def refuse_job(
+    session: Session,
+    job_id: int,
+    reason: str,
+    score: float | None = None,
+    method: str | None = None,
+    now: datetime | None = None,
+) -> Job:
+    """A running job is refused by the consistency gate: terminal, the attempt counted, no retry.
+
+    ``reason`` says why (recorded in ``last_error``); ``score`` and ``method`` are the gate's score,
+    when one was computed.
+    """
+    job = get_job(session, job_id)
+    job = _transition(
+        session,
+        job_id,
+        ("running",),
+        state="refused",
+        attempts=job.attempts + 1,
+        finished_at=now or utcnow(),
+        last_error=reason,
+        consistency_score=score,
+        consistency_method=method,
+        claimed_by=None,
+        claimed_at=None,
+    )
+    logger.warning("job %d refused: %s", job_id, reason)
+    return job
+
+
+def record_consistency(session: Session, job_id: int, score: float, method: str) -> None:
+    """Store the consistency gate's score of a job's input (the job passed the gate)."""
+    get_job(session, job_id)
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(consistency_score=score, consistency_method=method)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def fail_job_permanently(session: Session, job_id: int, error: str, now: datetime | None = None) -> Job:
+    """A running job failed deterministically (the same input fails the same way every time):
+    ``failed`` at once, its attempts used up, without waiting out a retry budget."""
+    job = get_job(session, job_id)
+    attempts = job.attempts + 1
+    job = _transition(
+        session,
+        job_id,
+        ("running",),
+        state="failed",
+        attempts=attempts,
+        finished_at=now or utcnow(),
+        last_error=error,
+        claimed_by=None,
+        claimed_at=None,
+    )
+    logger.error("job %d failed for good (not retried, the failure is deterministic): %s", job_id, error)
     return job
 
 

@@ -36,8 +36,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 from sqlalchemy.types import TypeDecorator
 
 ORIGINS: tuple[str, ...] = ("received", "derived")
-JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "waiting_model")
-DELIVERY_STATES: tuple[str, ...] = ("pending", "sent", "failed")
+JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "waiting_model", "refused")
+DELIVERY_STATES: tuple[str, ...] = ("pending", "sent", "failed", "cancelled")
+RECALL_REASONS: tuple[str, ...] = ("quality", "safety")
 
 # Lengths from PS3.5 6.2 (UI 64, AE 16, CS 16 characters); LO-valued fields get 64.
 UI = 64
@@ -165,7 +166,8 @@ class Job(Base):
     """One synthesis request: an input instance, the views a rule asked for, where to send them.
 
     ``request_key`` is a hash of input + rule + model computed by the scheduler, so a re-received
-    instance finds its existing job instead of queuing a second one.
+    instance finds its existing job instead of queuing a second one. ``refused`` is terminal: the
+    model cannot ground the input (``last_error`` says why, ``consistency_score`` by how much).
     """
 
     __tablename__ = "jobs"
@@ -191,6 +193,9 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     request_key: Mapped[str] = mapped_column(String(128), unique=True)
+    # The consistency gate's score of the input (higher = better grounded) and its method.
+    consistency_score: Mapped[float | None] = mapped_column(Float)
+    consistency_method: Mapped[str | None] = mapped_column(String(32))
 
     input_instance: Mapped[Instance] = relationship(back_populates="jobs")
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
@@ -223,9 +228,39 @@ class Output(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     synthesis_s: Mapped[float | None] = mapped_column(Float)
     total_s: Mapped[float | None] = mapped_column(Float)
+    # Set once by a recall (storage/recalls.py); a recalled output is never delivered again.
+    recall_id: Mapped[int | None] = mapped_column(ForeignKey("recalls.id"), index=True)
+    recalled_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="outputs")
     instance: Mapped[Instance] = relationship()
+
+
+class Recall(Base):
+    """One rejection note (IHE IOCM): derived outputs of one study withdrawn, for a reason, by someone.
+
+    ``note_instance_id`` is the Key Object Selection Document the node wrote (and sends to every
+    peer that had acknowledged one of the outputs); ``selector`` says how the operator chose the
+    outputs (``model IDENTITY``, ``job ID`` or ``series UID``).
+    """
+
+    __tablename__ = "recalls"
+    __table_args__ = (CheckConstraint(_in_clause("reason", RECALL_REASONS), name="reason"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(16))
+    selector: Mapped[str] = mapped_column(String(255))
+    requested_by: Mapped[str] = mapped_column(String(128))
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    study_instance_uid: Mapped[str] = mapped_column(String(UI), index=True)
+    note_instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)
+    n_outputs: Mapped[int] = mapped_column(Integer)
+
+    note_instance: Mapped[Instance] = relationship()
+
+    @validates("reason")
+    def _validate_reason(self, key: str, value: str) -> str:
+        return _check_choice("recall reason", value, RECALL_REASONS)
 
 
 class Delivery(Base):

@@ -2,8 +2,10 @@
 
 For a received instance the chain is: the association it came on, the instance, the jobs rules
 queued for it, each job's outputs (derived instance, model, weights, settings) and each output's
-deliveries. For a derived instance the same chain is found through its ``Output`` row. The
-result is a tree of frozen dataclasses detached from the database; formatting is the CLI's job.
+deliveries. For a derived instance the same chain is found through its ``Output`` row. An output
+withdrawn by ``dicomnode recall`` carries its recall id; the chain's ``recalls`` describe them, and
+:func:`recall_of_note` answers for a rejection note's own UID. The result is a tree of frozen
+dataclasses detached from the database; formatting is the CLI's job.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from storage.models import Association, Delivery, Instance, Job, Output
+from storage.models import Association, Delivery, Instance, Job, Output, Recall
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class OutputRecord:
     synthesis_s: float | None
     total_s: float | None
     deliveries: tuple[DeliveryRecord, ...]
+    recall_id: int | None = None
+    recalled_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,25 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     last_error: str | None
+    consistency_score: float | None
+    consistency_method: str | None
     outputs: tuple[OutputRecord, ...]
+
+
+@dataclass(frozen=True)
+class RecallRecord:
+    """A recall: the rejection note (IHE IOCM KOS) that withdrew some outputs, and why, who, when."""
+
+    id: int
+    reason: str
+    selector: str
+    requested_by: str
+    requested_at: datetime
+    study_instance_uid: str
+    note: InstanceRecord
+    n_outputs: int
+    recalled_uids: tuple[str, ...]
+    note_deliveries: tuple[DeliveryRecord, ...]
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,7 @@ class ProvenanceChain:
     association: AssociationRecord | None
     input: InstanceRecord
     jobs: tuple[JobRecord, ...]
+    recalls: tuple[RecallRecord, ...] = ()
 
 
 R = TypeVar("R")
@@ -132,6 +155,40 @@ def _record(cls: type[R], row: Any, **given: Any) -> R:
     """A record of ``cls`` with every field not ``given`` copied from the same-named attribute."""
     values = {f.name: getattr(row, f.name) for f in fields(cls) if f.name not in given}  # type: ignore[arg-type]
     return cls(**values, **given)
+
+
+def _recall_records(session: Session, recall_ids: set[int]) -> tuple[RecallRecord, ...]:
+    records = []
+    for recall in session.scalars(select(Recall).where(Recall.id.in_(sorted(recall_ids))).order_by(Recall.id)):
+        uids = session.scalars(
+            select(Instance.sop_instance_uid)
+            .join(Output, Output.instance_id == Instance.id)
+            .where(Output.recall_id == recall.id)
+            .order_by(Output.id)
+        )
+        note_deliveries = session.scalars(
+            select(Delivery).where(Delivery.output_instance_id == recall.note_instance_id).order_by(Delivery.id)
+        )
+        records.append(
+            _record(
+                RecallRecord,
+                recall,
+                note=_record(InstanceRecord, session.get_one(Instance, recall.note_instance_id)),
+                recalled_uids=tuple(uids),
+                note_deliveries=tuple(_record(DeliveryRecord, d) for d in note_deliveries),
+            )
+        )
+    return tuple(records)
+
+
+def recall_of_note(session: Session, sop_instance_uid: str) -> RecallRecord | None:
+    """The recall whose rejection note has this SOP Instance UID, if it is one."""
+    recall_id = session.scalars(
+        select(Recall.id)
+        .join(Instance, Recall.note_instance_id == Instance.id)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+    ).first()
+    return _recall_records(session, {recall_id})[0] if recall_id is not None else None
 
 
 def provenance_chain(session: Session, sop_instance_uid: str) -> ProvenanceChain | None:
@@ -165,6 +222,7 @@ def provenance_chain(session: Session, sop_instance_uid: str) -> ProvenanceChain
             deliveries[delivery.output_instance_id].append(_record(DeliveryRecord, delivery))
 
     association = session.get(Association, source.association_id) if source.association_id else None
+    recall_ids = {o.recall_id for job in jobs for o in job.outputs if o.recall_id is not None}
     return ProvenanceChain(
         queried_uid=sop_instance_uid,
         role=role,
@@ -189,4 +247,5 @@ def provenance_chain(session: Session, sop_instance_uid: str) -> ProvenanceChain
             )
             for job in jobs
         ),
+        recalls=_recall_records(session, recall_ids),
     )

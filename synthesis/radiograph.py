@@ -27,7 +27,9 @@ so the long side of a restored view is exactly R and the short side is the sourc
 by the same factor (rounded). Views are never upsampled to the source's size: that would invent detail
 the model did not produce (and Pixel Spacing must then be left out of derived instances). Restored
 pixels are MONOCHROME2 (bone bright), 12 bits stored in uint16 (0..4095), each with a window from its
-own value range.
+own body's robust percentiles (:func:`synthesis.voi_window.body_window`: 10th..99th percentile of the
+pixels above the black background), so it opens with the contrast a radiograph is read at rather than
+washed out by a window over the whole range.
 
 Everything this module refuses raises :class:`dicomnode.errors.SynthesisError` naming the reason.
 """
@@ -46,6 +48,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 
 from dicomnode.errors import SynthesisError
+from synthesis.voi_window import body_window
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +195,8 @@ class PreparedRadiograph:
 @dataclass(frozen=True)
 class RestoredViews:
     """Synthetic views as output pixel data: MONOCHROME2, uint16 with ``bits_stored`` bits, one
-    Window Center/Width pair per view (PS3.3 C.11.2.1.2.1, LINEAR) spanning that view's own range."""
+    Window Center/Width pair per view (PS3.3 C.11.2.1.2.1, LINEAR) spanning that view's body
+    (:func:`synthesis.voi_window.body_window`)."""
 
     pixels: tuple[np.ndarray, ...]
     bits_stored: int
@@ -334,11 +338,9 @@ def restore_views(views: np.ndarray, placement: Placement) -> RestoredViews:
     quantised = np.rint(cropped * _OUTPUT_MAX).astype(np.uint16)
     pixels, centers, widths = [], [], []
     for view in quantised:
-        lo, hi = np.percentile(view, (1.0, 99.0))
-        lo_i, hi_i = math.floor(lo), math.ceil(hi)
-        # LINEAR window (PS3.3 C.11.2.1.2.1): values <= lo_i show black, values > hi_i - 1 white.
-        centers.append((lo_i + hi_i + 1) / 2)
-        widths.append(float(hi_i - lo_i + 1))
+        center, width = body_window(view)  # the body's robust percentiles (synthesis/voi_window.py)
+        centers.append(center)
+        widths.append(width)
         pixels.append(np.ascontiguousarray(view))
     return RestoredViews(
         pixels=tuple(pixels),

@@ -71,7 +71,7 @@ def test_shipped_defaults() -> None:
     assert s.engine.guidance_scale == 1.5  # shipped: tuned to the shipped demo model (built-in 3.0)
     assert s.engine.dtype_for("cuda") == "bfloat16" and s.engine.dtype_for("cpu") == "float32"
     assert dataclasses.astuple(s.scheduler) == (5.0, 5, 10.0, 600.0, 1, 1.0, 10)
-    assert dataclasses.astuple(s.output) == (901, "OT", "SYNTHETIC", "dicomnode")
+    assert dataclasses.astuple(s.output)[:4] == (901, "OT", "SYNTHETIC", "dicomnode")
     assert s.loop_prevention.skip_derived == "secondary" and s.loop_prevention.skip_own_device
     (rule,) = s.rules
     assert rule.name == "chest-radiograph" and rule.enabled
@@ -164,7 +164,9 @@ BAD = [
     ("[scheduler]\nworkers = true\n", r"scheduler\.workers: must be an integer, got True"),
     ("[output]\nseries_number = 42\n", r"output\.series_number: must be 900\.\.999, got 42"),
     ('[output]\nmodality = "ot"\n', r"output\.modality: must be a Code String"),
-    ('[output]\nseries_description_prefix = ""\n', r"output\.series_description_prefix: must be 1\.\.32"),
+    ('[output]\nseries_description_prefix = ""\n', r"series_description_prefix: must be a non-empty string \(1\.\.24"),
+    ('[output]\nseries_description_prefix = "SYNTHETIC VIEW SYNTH 2026 X"\n', r"at most 24 fit"),
+    ('[output]\nseries_description_prefix = "SYNTHÈSE"\n', r"printable ASCII"),
     ("[loop_prevention]\nskip_synthetic = false\n", r"loop_prevention\.skip_synthetic: cannot be turned off"),
     (
         '[loop_prevention]\nskip_derived = "no"\n',

@@ -367,9 +367,14 @@ def test_view_patient_orientation(source: list[str] | None, azimuth: float, expe
 
 
 def test_window_and_series_description() -> None:
-    array = np.array([[100, 200], [300, 1123]], dtype=np.uint16)
+    # A body (values 1000..3000) on a black surround: the window spans the body's 10th..99th
+    # percentile, not the whole range (synthesis/voi_window.py).
+    array = np.zeros((64, 64), dtype=np.uint16)
+    array[8:56, 8:56] = np.linspace(1000, 3000, 48 * 48).reshape(48, 48)
     center, width = window_for(array)
-    assert (center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2) == (100, 1123)
+    body = array[8:56, 8:56]
+    low, high = np.percentile(body, (10, 99))
+    assert (center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2) == (np.floor(low), np.ceil(high))
     assert series_description_for("SYNTHETIC", SWEEP) == "SYNTHETIC AI views az -90..90 (6)"
     assert series_description_for("SYNTHETIC", [(22.5, -10.0)]) == "SYNTHETIC AI view az 22.5 el -10"
     many = [(float(a), float(e)) for a in range(-90, 91, 5) for e in (-12.5, 7.25)]

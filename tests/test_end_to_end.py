@@ -139,6 +139,9 @@ def test_storescu_to_node_to_orthanc(tmp_path: Path, orthanc: Orthanc, model_dir
         node.stop()
     assert code == 0, node.log()
     assert len(orthanc.get("/series")) == 1  # only the derived series went to the PACS, nothing twice
+    # Library chatter (highdicom: seven INFO lines per output; pynetdicom: one per message) stays out.
+    assert "INFO dicomnode.worker" in node.log() and "dicomnode.scu" in node.log()
+    assert " highdicom." not in node.log() and " pynetdicom." not in node.log()
 
 
 def test_hard_kill_with_queued_jobs_then_restart_completes_everything(

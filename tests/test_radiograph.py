@@ -226,8 +226,13 @@ def test_restored_views_are_12_bit_monochrome2_with_own_windows() -> None:
     assert restored.pixels[1].max() == 4095 and restored.pixels[1].min() == 0
     lo, hi = int(restored.pixels[0].min()), int(restored.pixels[0].max())
     assert (lo, hi) in ((819, 1228), (819, 1229))
-    assert restored.window_center[0] == (lo + hi + 1) / 2 and restored.window_width[0] == hi - lo + 1
-    assert restored.window_width[1] > 3900
+    # The dim half is background by the body rule (within 2 % of the range above the minimum): the
+    # window sits on the other half (synthesis/voi_window.py).
+    assert restored.window_center[0] == hi + 0.5 and restored.window_width[0] == 1
+    # A ramp has no background but its lowest 2 %: the window spans its 10th..99th percentile.
+    body_lo, body_hi = 4095 * (0.02 + 0.98 * 0.10), 4095 * (0.02 + 0.98 * 0.99)
+    assert restored.window_width[1] == pytest.approx(body_hi - body_lo, abs=4)
+    assert restored.window_center[1] == pytest.approx((body_lo + body_hi) / 2, abs=4)
     flat = restore_views(np.full((1, 64, 64), 0.5, np.float32), placement)
     assert flat.window_width == (1.0,)
 

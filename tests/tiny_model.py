@@ -18,6 +18,22 @@ PUBLISHED_INDEX: dict[str, Any] = {
 }
 
 
+# A random model grounds nothing: its gate is opened on purpose (any input, threshold far below any
+# score), so the plumbing tests run; the gate itself is tested with the real demo model.
+TINY_META: dict[str, Any] = {
+    "format": 1,
+    "recommended": {"steps": 20, "guidance_scale": 3.0},
+    "intended_inputs": {
+        "modalities": None,
+        "body_parts": None,
+        "view_positions": None,
+        "photometric_interpretations": None,
+        "elevation_range": [-90, 90],
+    },
+    "gate": {"method": "denoise", "threshold": -1000.0, "calibration": {"data": "none: a random test model"}},
+}
+
+
 def make_tiny_model(folder: Path, resolution: int = 32, seed: int = 0, **arch: Any) -> Path:
     """Build, save and relabel a tiny model like a published checkpoint; returns the folder."""
     from synthesis import SvdrrPipeline
@@ -34,4 +50,5 @@ def make_tiny_model(folder: Path, resolution: int = 32, seed: int = 0, **arch: A
     config = json.loads(config_path.read_text())
     config["_class_name"] = "SvdrrTransformer2DModel"
     config_path.write_text(json.dumps(config, indent=2))
+    (folder / "dicomnode-model.json").write_text(json.dumps(TINY_META, indent=2))
     return folder

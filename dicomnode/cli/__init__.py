@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dicomnode import __version__
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import ConfigError, NodeError
+from dicomnode.log_config import quiet_libraries
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "jobs",
     "deliveries",
     "provenance",
+    "recall",
     "synthesize",
     "drr",
     "train",
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries(show=verbosity >= 2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from dicomnode.cli.exitcodes import ExitCode
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deliveries", help="list deliveries; --resend ID sends one again")
     add_config_argument(p)
-    p.add_argument("--state", choices=["pending", "sent", "failed"])
+    p.add_argument("--state", choices=["pending", "sent", "failed", "cancelled"])
     p.add_argument("--peer", help="only this peer name")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--resend", type=int, metavar="ID", help="send delivery ID again")

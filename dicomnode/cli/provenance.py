@@ -2,7 +2,8 @@
 
 Who sent what (association, AEs, host, time, checksum) -> which rule made which job -> each output
 with its model identity, seed, steps, guidance, sampler, angles and timings -> where each output
-went and when the peer acknowledged it (DIMSE status).
+went and when the peer acknowledged it (DIMSE status) -> whether a recall withdrew it, and the
+rejection note sent in its place. The UID of a rejection note shows that recall.
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ def format_chain(chain: object) -> list[str]:
             f"job {j.id}   rule {j.rule_name!r}  state {j.state}  attempts {j.attempts}/{j.max_attempts}  "
             f"created {when(j.created_at)}  finished {when(j.finished_at)}"
         )
-        if j.last_error:
+        if j.consistency_score is not None:
+            lines.append(f"         consistency {j.consistency_method or '?'} {j.consistency_score:.2f}")
+        if j.state == "refused":
+            lines.append(f"         REFUSED, nothing written or sent: {(j.last_error or '').splitlines()[0][:200]}")
+        elif j.last_error:
             lines.append(f"         last error: {j.last_error.splitlines()[0][:100]}")
         for o in j.outputs:
             mark = "  <-- queried" if o.instance.sop_instance_uid == chain.queried_uid else ""
+            if o.instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7.3":  # Multi-frame Grayscale Word SC
+                mark += "  (rotation sweep: all views as frames; angles below are its first frame's)"
             lines.append(f"  output {o.instance.sop_instance_uid}{mark}")
             lines.append(
                 f"         az {o.azimuth:+g} el {o.elevation:+g}  series {o.series_instance_uid}  "
@@ -59,6 +66,8 @@ def format_chain(chain: object) -> list[str]:
                 f"         model {o.model_name} (identity {o.model_identity[:16]}...)  seed {o.seed}  steps {o.steps}  "
                 f"guidance {o.guidance_scale:g}  {o.sampler or ''}  {o.device or ''} {o.dtype or ''}"
             )
+            if o.recall_id is not None:
+                lines.append(f"         RECALLED at {when(o.recalled_at)} by recall {o.recall_id}: never sent again")
             if o.synthesis_s is not None:
                 lines.append(f"         synthesis {o.synthesis_s:.2f} s/view, job total {o.total_s or 0:.2f} s")
             if not o.deliveries:
@@ -70,15 +79,40 @@ def format_chain(chain: object) -> list[str]:
                     f"at {when(d.sent_at)} after {d.attempts} attempt(s)"
                     + (f"  error: {d.last_error.splitlines()[0][:60]}" if d.last_error and d.state != "sent" else "")
                 )
+    for r in chain.recalls:
+        lines.extend(format_recall(r))
+    return lines
+
+
+def format_recall(recall: object) -> list[str]:
+    from storage.provenance import RecallRecord
+
+    assert isinstance(recall, RecallRecord)
+    lines = [
+        f"recall {recall.id}  reason {recall.reason}  by {recall.requested_by}  at {when(recall.requested_at)}  "
+        f"selected by {recall.selector}",
+        f"         rejection note {recall.note.sop_instance_uid} (KOS, series {recall.note.series_instance_uid})",
+        f"         withdrew {recall.n_outputs} output(s): {', '.join(recall.recalled_uids)}",
+    ]
+    if not recall.note_deliveries:
+        lines.append("         note not sent (no peer had acknowledged these outputs)")
+    for d in recall.note_deliveries:
+        status = f"0x{d.status_code:04X}" if d.status_code is not None else "-"
+        lines.append(f"         note -> {d.peer_name} ({d.peer_ae}) {d.state} status {status} at {when(d.sent_at)}")
     return lines
 
 
 def run(args: argparse.Namespace) -> int:
-    from storage.provenance import provenance_chain
+    from storage.provenance import provenance_chain, recall_of_note
 
     sessions = open_sessions(settings_from(args))
     with sessions() as session:
-        chain = provenance_chain(session, args.uid.strip())
+        note = recall_of_note(session, args.uid.strip())
+        chain = provenance_chain(session, args.uid.strip()) if note is None else None
+    if note is not None:
+        print(f"{args.uid.strip()} is a rejection note (IHE IOCM)")
+        print("\n".join(format_recall(note)))
+        return ExitCode.OK
     if chain is None:
         print(f"no instance with SOP Instance UID {args.uid} is recorded")
         return ExitCode.NOT_FOUND

@@ -43,8 +43,5 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.verbose == 0:
         logging.getLogger().setLevel(logging.INFO)  # a server says what it does by default
-    if args.verbose < 2:
-        # APScheduler logs every run of every interval job at INFO: once a second, nothing to read.
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
     Node(settings, worker_grace_s=args.worker_grace).serve_forever()
     return ExitCode.OK

@@ -12,13 +12,32 @@ from sqlalchemy import func, select
 from dicomnode.cli.common import open_sessions, settings_from
 from dicomnode.cli.config import add_config_argument
 from dicomnode.cli.exitcodes import ExitCode
-from dicomnode.config import PeerSettings
+from dicomnode.config import PeerSettings, Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="node, model, queue and delivery status")
     add_config_argument(p)
     p.set_defaults(func=run)
+
+
+def gate_summary(settings: Settings) -> str:
+    """The consistency gate the worker applies: method, threshold and where it comes from."""
+    from dicomnode.errors import ModelLoadError
+    from dicomnode.gate import model_meta_for
+
+    engine = settings.engine
+    try:
+        meta = model_meta_for(engine.model, engine.consistency_threshold)
+    except ModelLoadError as e:
+        return f"model metadata unusable: {e}"
+    gate = meta.gate
+    if gate.threshold is None:
+        return f"{gate.method}: NOT calibrated, every input is refused (see README, consistency gate)"
+    source = "[engine] consistency_threshold" if engine.consistency_threshold is not None else "the model"
+    n = gate.calibration.get("n")
+    calibrated = f", calibrated on {n} images" if n else ""
+    return f"{gate.method} score must be >= {gate.threshold:g} (threshold from {source}{calibrated})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,17 +59,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"node     {node.ae_title} at {node.bind_address}:{node.port}: {listening}")
     problem = model_problem(settings)
     print(f"model    {settings.engine.model}: {problem or 'present'}")
+    if not problem:
+        print(f"gate     {gate_summary(settings)}")
     sessions = open_sessions(settings)
     with sessions() as session:
         received = session.scalar(select(func.count()).select_from(Instance).where(Instance.origin == "received"))
         derived = session.scalar(select(func.count()).select_from(Instance).where(Instance.origin == "derived"))
         jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         deliveries = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+        last_refused = session.scalars(
+            select(Job).where(Job.state == "refused").order_by(Job.finished_at.desc(), Job.id.desc()).limit(1)
+        ).first()
+        if last_refused is not None:
+            session.expunge(last_refused)
     print(f"stored   {received} received, {derived} derived (synthetic) instances")
     print("jobs     " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
     print("delivery " + (", ".join(f"{k} {v}" for k, v in sorted(deliveries.items())) or "none"))
     if problem and jobs.get("waiting_model"):
         print(f"         {jobs['waiting_model']} job(s) wait for the model")
+    if last_refused is not None:
+        score = "" if last_refused.consistency_score is None else f" (score {last_refused.consistency_score:.2f})"
+        reason = (last_refused.last_error or "").splitlines()[0][:160] if last_refused.last_error else ""
+        print(f"gate     last refused: job {last_refused.id}{score}: {reason}")
     if settings.http.enabled:
         print(f"console  http{'s' if settings.http.tls else ''}://{settings.http.bind_address}:{settings.http.port}/")
     return ExitCode.OK if answering else ExitCode.PEER_UNREACHABLE
