@@ -145,7 +145,7 @@ def test_inputs_the_model_cannot_ground_are_refused_and_nothing_is_written(
     out = capsys.readouterr().out
     assert "state refused" in out and "REFUSED, nothing written or sent" in out
     assert f"{job.consistency_score:.2f}" in out
-    assert main(["status", "--config", str(config)]) == 0
+    assert main(["status", "--config", str(config)]) == 4  # no node runs here: status says so (exit 4)
     out = capsys.readouterr().out
     assert "refused 1" in out and f"last refused: job {job.id}" in out
 
