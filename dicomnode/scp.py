@@ -5,8 +5,28 @@ complete data set of the class the request names, writes them unchanged and dura
 :class:`~storage.store.InstanceStore`, records the instance (and lets ``intake`` queue jobs) in one
 transaction, and only then answers Success. PS3.4 B.2.3 leaves what "stored" means to the SCP; here it
 means on disk, fsynced and committed, the bar Orthanc's ``SyncStorageArea`` sets. Every failure
-becomes a status code of PS3.4 Table B.2-1 / PS3.7 Annex C with a short Error Comment; nothing that
-one peer sends can stop the server from serving the next.
+becomes a status code of PS3.4 Table B.2-1 / PS3.7 Annex C with a short Error Comment, logged once with
+the association id; nothing that one peer sends can stop the server from serving the next.
+
+C-STORE statuses (the checks are in :mod:`dicomnode.dataset_checks`; 0xC2xx sub-codes are the node's
+own within PS3.4's "Error: Cannot understand" range, 0xC211 being pynetdicom's for a failed handler):
+
+====== ================================================================================================
+0x0000 Success: stored, fsynced (file and folder) and committed; or an identical re-send
+0x0111 Duplicate SOP Instance: the UID is held with other content (the original is kept)
+0xA700 Out of Resources: disk (free-space watermark, write failure) or database; retry later
+0xA900 Data Set does not match SOP Class: request, presentation context and data set name other classes
+0xC210 Cannot understand: truncated data set, or a structure that cannot be walked
+0xC212 a UID the node relies on (SOP Class/Instance, Study, Series) is missing or invalid
+0xC213 SOP Instance UID differs from the request's Affected SOP Instance UID
+0xC214 an image storage SOP class without Pixel Data
+0xC215 native Pixel Data not Rows x Columns x Samples x Bits Allocated / 8 x Frames bytes (+1 pad)
+0xC216 encapsulated Pixel Data under a native transfer syntax, or native under a compressed one
+0xC217 encapsulation invalid: no Basic Offset Table item, bad offsets, odd or too few fragments
+0xC218 an invalid VR code, an element value that does not convert, or a control character in a value
+       the node records
+0xC219 the image description (Rows, Columns, Bits Allocated, Samples per Pixel, Frames) is unusable
+====== ================================================================================================
 
 Association policy (PS3.8 7.1.1): the Called AE Title must be ours when
 ``security.require_called_ae_title`` is set, the Calling AE Title must be listed in
@@ -18,22 +38,17 @@ the ``associations`` table, whose id prefixes every log line about it.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import ssl
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
-    RE_VALID_UID,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -57,10 +72,18 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import SecuritySettings, Settings
-from dicomnode.errors import ConfigError, DicomInputError, StorageError
+from dicomnode.dataset_checks import (
+    ERROR_COMMENT_MAX,
+    OUT_OF_RESOURCES,
+    Received,
+    Refusal,
+    check_c_store,
+)
+from dicomnode.errors import ConfigError, StorageError
+from dicomnode.log_escape import printable
 from dicomnode.scu import set_tcp_nodelay
 from storage.associations import end_association, record_association
-from storage.instances import classify_resend, fields_from_dataset, find_instance, record_instance
+from storage.instances import classify_resend, find_instance, record_instance
 from storage.models import Instance
 from storage.store import InstanceStore
 
@@ -84,26 +107,17 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     RLELossless,
 )
 
-# C-STORE response statuses (PS3.4 Table B.2-1; 0x0111 from PS3.7 Annex C.5).
+# C-STORE response statuses (PS3.4 Table B.2-1; 0x0111 from PS3.7 Annex C.5). The failure statuses
+# for data sets the node cannot understand, and their sub-codes, are defined with the checks in
+# dicomnode.dataset_checks and listed in this module's docstring.
 SUCCESS = 0x0000
 DUPLICATE_SOP_INSTANCE = 0x0111
-OUT_OF_RESOURCES = 0xA700
-DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-# "Error: Cannot understand" is the range 0xCxxx. pynetdicom answers 0xC211 itself when a handler
-# raises, so our own reasons use other codes of that range.
-CANNOT_UNDERSTAND = 0xC210  # the data set is truncated or cannot be parsed
-INVALID_UID = 0xC212  # a UID the node relies on is missing or not a valid UID
-SOP_INSTANCE_MISMATCH = 0xC213  # SOP Instance UID differs from the Affected SOP Instance UID
-ERROR_COMMENT_MAX = 64  # Error Comment (0000,0902) is LO
 
 Intake = Callable[[Session, Instance, Dataset], object]
 """Called inside the transaction that records a newly received instance; raising undoes the store.
 
 The dataset holds everything but Pixel Data (it is parsed with ``stop_before_pixels``).
 """
-
-_UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
 
 def _status(code: int, comment: str | None = None) -> Dataset:
     """A C-STORE response status, with an Error Comment cut to the 64 characters LO allows."""
@@ -112,133 +126,6 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     if comment:
         rsp.ErrorComment = comment.replace("\\", "/")[:ERROR_COMMENT_MAX]
     return rsp
-
-
-# ---- Is the data set complete? --------------------------------------------------------------------
-# pydicom reads a truncated value as a shorter one without complaint, so the handler walks the
-# element headers itself (PS3.5 7.1 and 7.5): every declared length must fit in the received bytes and
-# every undefined-length sequence or encapsulated Pixel Data must reach its delimiter.
-
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-def _truncated(pos: int, what: str) -> DicomInputError:
-    return DicomInputError(f"data set truncated at byte {pos} ({what})")
-
-
-def _walk_elements(buf: bytes, pos: int, implicit: bool, order: str, in_item: bool) -> int:
-    """Skip data elements from ``pos``; inside an undefined-length item stop after its delimiter."""
-    end = len(buf)
-    while pos < end:
-        if pos + 8 > end:
-            if not in_item and pos > 0 and not any(buf[pos:]):
-                return end  # a few bytes of trailing zero padding, as some senders add
-            raise _truncated(pos, "element header")
-        group, element = struct.unpack_from(order + "HH", buf, pos)
-        tag = group << 16 | element
-        if tag == _ITEM_DELIMITER and in_item:
-            return pos + 8
-        vr = buf[pos + 4 : pos + 6]
-        if implicit or group == 0xFFFE:
-            (length,), pos = struct.unpack_from(order + "L", buf, pos + 4), pos + 8
-        elif vr in _LONG_VRS:
-            if pos + 12 > end:
-                raise _truncated(pos, "element header")
-            (length,), pos = struct.unpack_from(order + "L", buf, pos + 8), pos + 12
-        else:
-            (length,), pos = struct.unpack_from(order + "H", buf, pos + 6), pos + 8
-        if length == _UNDEFINED_LENGTH:
-            # Items of an undefined-length UN value are Implicit VR Little Endian (PS3.5 6.2.2).
-            pos = _walk_items(buf, pos, implicit or vr == b"UN", order, tag)
-        elif pos + length > end:
-            raise _truncated(pos, f"value of ({group:04X},{element:04X}) needs {length} bytes")
-        else:
-            pos += length
-    if in_item:
-        raise _truncated(pos, "no item delimiter")
-    return pos
-
-
-def _walk_items(buf: bytes, pos: int, implicit: bool, order: str, parent: int) -> int:
-    """Skip the items of an undefined-length value up to and including its sequence delimiter."""
-    while pos + 8 <= len(buf):
-        group, element, length = struct.unpack_from(order + "HHL", buf, pos)
-        tag, pos = group << 16 | element, pos + 8
-        if tag == _SEQUENCE_DELIMITER:
-            return pos
-        if tag != _ITEM:
-            raise DicomInputError(f"({group:04X},{element:04X}) where an item of {parent:08X} belongs")
-        if length == _UNDEFINED_LENGTH:
-            pos = _walk_elements(buf, pos, implicit, order, in_item=True)
-        elif pos + length > len(buf):
-            raise _truncated(pos, f"item of {parent:08X} needs {length} bytes")
-        else:
-            pos += length
-    raise _truncated(pos, f"no sequence delimiter for {parent:08X}")
-
-
-def check_complete(body: bytes, transfer_syntax: UID) -> None:
-    """Raise :class:`DicomInputError` unless ``body`` is a whole data set encoded in ``transfer_syntax``.
-
-    Only element headers are read: no value is decoded, pixel data least of all.
-    """
-    if transfer_syntax.is_deflated:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # PS3.5 A.5: raw deflate, no zlib header
-        try:
-            body = inflater.decompress(body) + inflater.flush()
-        except zlib.error as e:
-            raise DicomInputError(f"deflated data set cannot be inflated: {e}") from e
-        if not inflater.eof:
-            raise DicomInputError("deflated data set truncated (deflate stream has no end)")
-    order = "<" if transfer_syntax.is_little_endian else ">"
-    _walk_elements(body, 0, transfer_syntax.is_implicit_VR, order, in_item=False)
-
-
-def _valid_uid(value: object) -> bool:
-    """A UID per PS3.5 9.1: at most 64 characters, digits and dots, no leading zeros."""
-    return isinstance(value, str) and len(value) <= 64 and RE_VALID_UID.match(value) is not None
-
-
-class _Refused(Exception):
-    """A C-STORE the handler answers with ``status`` (and ``reason`` as Error Comment)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _validate(event: evt.Event, data: bytes) -> tuple[Dataset, dict[str, Any]]:
-    """The received data set parsed up to Pixel Data, and its ``instances`` columns; or _Refused.
-
-    Checks that it is whole, parses, carries valid UIDs and is the object the request names (PS3.4
-    B.2.3: another SOP Class is 0xA900 "Data Set does not match SOP Class").
-    """
-    req = cast(C_STORE, event.request)
-    try:
-        check_complete(event.encoded_dataset(include_meta=False), UID(event.context.transfer_syntax))
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-        values = {keyword: ds.get(keyword) for keyword in _UID_KEYWORDS}  # converts lazily: fail here
-    except DicomInputError as e:
-        raise _Refused(CANNOT_UNDERSTAND, str(e)) from e
-    except Exception as e:  # whatever pydicom raises on bytes it cannot read
-        raise _Refused(CANNOT_UNDERSTAND, f"cannot parse data set: {type(e).__name__}") from e
-    for keyword, value in values.items():
-        if not _valid_uid(value):
-            state = "missing" if keyword not in ds else f"invalid ({str(value)[:20]!r})"
-            raise _Refused(INVALID_UID, f"{keyword} {state}")
-    if ds.SOPClassUID != req.AffectedSOPClassUID:
-        raise _Refused(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class UID is {ds.SOPClassUID}")
-    if ds.SOPInstanceUID != req.AffectedSOPInstanceUID:
-        raise _Refused(SOP_INSTANCE_MISMATCH, "SOP Instance UID differs from the request's")
-    try:
-        return ds, fields_from_dataset(ds)
-    except DicomInputError as e:
-        raise _Refused(CANNOT_UNDERSTAND, str(e)) from e
 
 
 # ---- TLS ------------------------------------------------------------------------------------------
@@ -526,23 +413,42 @@ class StorageSCP:
             return _status(OUT_OF_RESOURCES, "association not recorded")
         try:
             return self._store(event, record)
-        except _Refused as refusal:
+        except Refusal as refusal:
             logger.warning(
-                "association %d: C-STORE failed with 0x%04X: %s", record.id, refusal.status, refusal.reason
+                "association %d: C-STORE of %s refused with 0x%04X: %s",
+                record.id,
+                printable(cast(C_STORE, event.request).AffectedSOPInstanceUID, 64),
+                refusal.status,
+                printable(refusal.reason),
             )
             return _status(refusal.status, refusal.reason)
         except Exception:
             logger.exception(
                 "association %d: unexpected error storing %s",
                 record.id,
-                cast(C_STORE, event.request).AffectedSOPInstanceUID,
+                printable(cast(C_STORE, event.request).AffectedSOPInstanceUID, 64),
             )
             return _status(OUT_OF_RESOURCES, "internal error, see the node log")
 
-    def _store(self, event: evt.Event, record: _AssociationRecord) -> Dataset:
-        """Validate, write durably, record (with intake) in one transaction, then answer Success."""
+    def _check(self, event: evt.Event) -> tuple[bytes, Received]:
+        """The received data set with File Meta Information, checked (dicomnode.dataset_checks)."""
+        req = cast(C_STORE, event.request)
+        context = event.context
         data = event.encoded_dataset()
-        ds, fields = _validate(event, data)
+        received = check_c_store(
+            data,
+            event.encoded_dataset(include_meta=False),
+            UID(context.transfer_syntax),
+            str(context.abstract_syntax),
+            str(req.AffectedSOPClassUID or ""),
+            str(req.AffectedSOPInstanceUID or ""),
+        )
+        return data, received
+
+    def _store(self, event: evt.Event, record: _AssociationRecord) -> Dataset:
+        """Check, write durably, record (with intake) in one transaction, then answer Success."""
+        data, received = self._check(event)
+        ds, fields = received.ds, received.fields
         SOPInstanceUID = fields["sop_instance_uid"]
         with self.sessions() as session:
             existing = find_instance(session, SOPInstanceUID)
