@@ -31,8 +31,12 @@ own within PS3.4's "Error: Cannot understand" range, 0xC211 being pynetdicom's f
 Association policy (PS3.8 7.1.1): the Called AE Title must be ours when
 ``security.require_called_ae_title`` is set, the Calling AE Title must be listed in
 ``security.allowed_calling_ae_titles`` when that list is not empty. pynetdicom does the rejecting;
-:meth:`StorageSCP._on_rejected` records and logs why. Every association, accepted or not, gets a row in
-the ``associations`` table, whose id prefixes every log line about it.
+:meth:`StorageSCP._on_rejected` records and logs why. Before that, :mod:`dicomnode.association_gate`
+closes connections that send no A-ASSOCIATE-RQ within ``node.request_timeout_s`` (they never take one
+of the ``node.max_associations`` slots) and rejects, transient, a peer address already holding
+``node.max_associations_per_peer`` associations. Every association, accepted or not, gets a row in
+the ``associations`` table, whose id prefixes every log line about it. Every value a peer sent that
+reaches the log is escaped (:func:`dicomnode.log_escape.printable`).
 """
 
 from __future__ import annotations
@@ -68,9 +72,9 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode.association_gate import GatedAssociationServer, RefusedRequest, start_gated_server
 from dicomnode.config import SecuritySettings, Settings
 from dicomnode.dataset_checks import (
     ERROR_COMMENT_MAX,
@@ -199,7 +203,7 @@ class StorageSCP:
         self.store = store
         self.sessions = sessions
         self.intake = intake
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GatedAssociationServer | None = None
         self._records: dict[Association, _AssociationRecord] = {}
         self._lock = threading.Lock()
         self._ae = self._make_ae()
@@ -242,11 +246,14 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         try:
-            self._server = self._ae.start_server(
+            self._server = start_gated_server(
+                self._ae,
                 (node.bind_address, node.port),
-                block=False,
                 ssl_context=server_tls_context(self.settings.security),
                 evt_handlers=handlers,
+                request_timeout_s=node.request_timeout_s,
+                max_associations_per_peer=node.max_associations_per_peer,
+                on_refused=self._on_refused_at_gate,
             )
         except OSError as e:
             raise ConfigError(f"node.port: cannot listen on {node.bind_address}:{node.port}: {e}") from e
@@ -327,7 +334,7 @@ class StorageSCP:
         except Exception:
             # Instances could not name their association: refuse the whole association instead.
             logger.exception(
-                "association ?: cannot record %s from %s, aborting", calling_ae, requestor.address
+                "association ?: cannot record %s from %s, aborting", printable(calling_ae), requestor.address
             )
             assoc.abort()
             return
@@ -336,8 +343,8 @@ class StorageSCP:
         logger.info(
             "association %d: accepted %s -> %s from %s:%d",
             row.id,
-            calling_ae,
-            called_ae,
+            printable(calling_ae),
+            printable(called_ae),
             requestor.address,
             requestor.port,
         )
@@ -362,24 +369,31 @@ class StorageSCP:
         calling_ae, called_ae = _ae_titles(event.assoc)
         rj = cast(A_ASSOCIATE, event.assoc.acceptor.primitive)
         reason = self._rejection_reason(calling_ae, called_ae, (rj.result, rj.result_source, rj.diagnostic))
+        self._record_rejection(requestor.address, requestor.port, calling_ae, called_ae, reason)
+
+    def _on_refused_at_gate(self, refused: RefusedRequest) -> None:
+        """The association gate rejected a request itself (a peer over its per-address cap)."""
+        self._record_rejection(
+            refused.peer_host, refused.peer_port, refused.calling_ae, refused.called_ae, refused.reason
+        )
+
+    def _record_rejection(self, host: str, port: int, calling_ae: str, called_ae: str, reason: str) -> None:
         row_id = "?"
         try:
             with self.sessions.begin() as session:
                 row = record_association(
                     session,
-                    calling_ae=calling_ae,
-                    called_ae=called_ae,
-                    peer_host=requestor.address,
-                    peer_port=requestor.port,
+                    calling_ae=calling_ae[:16],
+                    called_ae=called_ae[:16],
+                    peer_host=host,
+                    peer_port=port,
                     accepted=False,
                     reason=reason,
                 )
                 row_id = str(row.id)
         except Exception:
-            logger.exception("association ?: cannot record the rejection of %s", requestor.address)
-        logger.warning(
-            "association %s: rejected from %s:%d: %s", row_id, requestor.address, requestor.port, reason
-        )
+            logger.exception("association ?: cannot record the rejection of %s", host)
+        logger.warning("association %s: rejected from %s:%d: %s", row_id, host, port, printable(reason, 256))
 
     def _on_closed(self, event: evt.Event) -> None:
         how = {"EVT_RELEASED": "released", "EVT_ABORTED": "aborted"}.get(
