@@ -7,10 +7,14 @@ complete A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) in a thread of its own, for ``request_
 without consuming it (MSG_PEEK); a connection that has not sent it by then is closed and was never
 an association. With TLS the gate waits for the first bytes of the handshake instead.
 
-It also caps concurrent associations per peer address: a peer over its cap gets an A-ASSOCIATE-RJ
-"rejected-transient, service-provider (presentation), local-limit-exceeded" (PS3.8 Table 9-21, the
-answer pynetdicom gives when ``maximum_associations`` is reached), so one busy or hostile host cannot
-take every slot.
+A request whose AE title fields hold control characters, backslashes or non-ASCII bytes (PS3.5 Table
+6.2-1) is rejected here, permanent, "calling (called) AE title not recognized": pynetdicom would log
+the raw title in a traceback, a line a peer could forge.
+
+The gate also caps concurrent associations per peer address: a peer over its cap gets an
+A-ASSOCIATE-RJ "rejected-transient, service-provider (presentation), local-limit-exceeded" (PS3.8
+Table 9-21, the answer pynetdicom gives when ``maximum_associations`` is reached), so one busy or
+hostile host cannot take every slot.
 """
 
 from __future__ import annotations
@@ -35,9 +39,18 @@ logger = logging.getLogger(__name__)
 
 A_ASSOCIATE_RQ = 0x01
 PEEK_MAX = 65536  # bytes of a request the gate waits for; larger requests pass once this much is in
-# A-ASSOCIATE-RJ (PS3.8 9.3.4): type 0x03, length 4, reserved, result 2 (rejected-transient),
-# source 3 (service-provider, presentation related), reason 2 (local-limit-exceeded).
-REJECT_LOCAL_LIMIT = b"\x03\x00" + struct.pack(">L", 4) + bytes((0, 2, 3, 2))
+
+
+def _a_associate_rj(result: int, source: int, reason: int) -> bytes:
+    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4, Table 9-21)."""
+    return b"\x03\x00" + struct.pack(">L", 4) + bytes((0, result, source, reason))
+
+
+# Rejected-transient, service-provider (presentation related), local-limit-exceeded.
+REJECT_LOCAL_LIMIT = _a_associate_rj(2, 3, 2)
+# Rejected-permanent, service-user, calling / called AE title not recognized.
+REJECT_CALLING_AE = _a_associate_rj(1, 1, 3)
+REJECT_CALLED_AE = _a_associate_rj(1, 1, 7)
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,11 @@ def _ae_titles(pdu: bytes) -> tuple[str, str]:
     if len(pdu) < 42:
         return "", ""
     return _ae_title(pdu[26:42]), _ae_title(pdu[10:26])
+
+
+def _invalid_ae_title(raw: bytes) -> bool:
+    """Whether an AE title field holds what PS3.5 Table 6.2-1 forbids: control characters, backslash, non-ASCII."""
+    return any(byte < 0x20 or byte == 0x5C or byte > 0x7E for byte in raw)
 
 
 class GatedAssociationServer(ThreadedAssociationServer):
@@ -101,17 +119,18 @@ class GatedAssociationServer(ThreadedAssociationServer):
                 )
                 self.shutdown_request(request)
                 return
-            with self._admit:
-                if self._closing:
-                    self.shutdown_request(request)
-                    return
-                if self._over_peer_cap(host):
-                    refused = True
-                else:
-                    refused = False
-                    self.finish_request(request, client_address)  # starts the Association thread
-            if refused:
-                self._reject(request, pdu, host, port)
+            refusal = self._bad_ae_title(pdu)
+            if refusal is None:
+                with self._admit:
+                    if self._closing:
+                        self.shutdown_request(request)
+                        return
+                    if self._over_peer_cap(host):
+                        refusal = (REJECT_LOCAL_LIMIT, self._cap_reason(host))
+                    else:
+                        self.finish_request(request, client_address)  # starts the Association thread
+            if refusal is not None:
+                self._reject(request, pdu, host, port, *refusal)
         except Exception:
             self.handle_error(request, client_address)
             self.shutdown_request(request)
@@ -140,6 +159,21 @@ class GatedAssociationServer(ThreadedAssociationServer):
                 return peeked
             time.sleep(0.002)  # part of the PDU is in; select would return at once
 
+    @staticmethod
+    def _bad_ae_title(pdu: bytes) -> tuple[bytes, str] | None:
+        """A rejection for AE title fields pynetdicom cannot decode (it would log them raw), or None."""
+        if len(pdu) < 42 or pdu[0] != A_ASSOCIATE_RQ:
+            return None
+        calling, called = pdu[26:42], pdu[10:26]
+        if _invalid_ae_title(calling):
+            return REJECT_CALLING_AE, f"calling AE title '{printable(_ae_title(calling))}' is not a valid AE title"
+        if _invalid_ae_title(called):
+            return REJECT_CALLED_AE, f"called AE title '{printable(_ae_title(called))}' is not a valid AE title"
+        return None
+
+    def _cap_reason(self, host: str) -> str:
+        return f"more than {self.max_associations_per_peer} associations at once from {host}"
+
     def _over_peer_cap(self, host: str) -> bool:
         cap = self.max_associations_per_peer
         if not cap:
@@ -149,14 +183,13 @@ class GatedAssociationServer(ThreadedAssociationServer):
         ]
         return len(running) >= cap
 
-    def _reject(self, sock: Any, pdu: bytes, host: str, port: int) -> None:
-        """Answer A-ASSOCIATE-RJ (transient, local limit) and close, reading the request first."""
+    def _reject(self, sock: Any, pdu: bytes, host: str, port: int, rejection: bytes, reason: str) -> None:
+        """Answer ``rejection`` (an A-ASSOCIATE-RJ) and close, reading the request first."""
         calling, called = _ae_titles(pdu)
-        reason = f"more than {self.max_associations_per_peer} associations at once from {host}"
         try:
             if pdu:
                 sock.recv(len(pdu))  # consume the request, so closing does not reset the connection
-            sock.sendall(REJECT_LOCAL_LIMIT)
+            sock.sendall(rejection)
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(1.0)
             while sock.recv(4096):  # the requestor closes the transport on A-ASSOCIATE-RJ (Sta13)
@@ -166,7 +199,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
         finally:
             self.shutdown_request(sock)
         if self.on_refused is not None:
-            self.on_refused(RefusedRequest(host, port, calling, called, reason))
+            self.on_refused(RefusedRequest(host, port, printable(calling, 16), printable(called, 16), reason))
         else:
             logger.warning("rejected %s from %s:%d: %s", printable(calling), host, port, reason)
 

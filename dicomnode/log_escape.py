@@ -9,9 +9,11 @@ the SCP logs goes through it.
 
 from __future__ import annotations
 
+import logging
 import re
 
 LOG_VALUE_MAX = 128  # characters kept of one value before "..." (a UI is at most 64)
+LOG_MESSAGE_MAX = 16384  # characters kept of a whole message that SingleLineMessages escapes
 
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -34,3 +36,18 @@ def printable(value: object, limit: int = LOG_VALUE_MAX) -> str:
     if cut:
         text = text[:limit]
     return _UNSAFE.sub(_escape, text) + ("..." if cut else "")
+
+
+class SingleLineMessages(logging.Filter):
+    """A handler filter: every record's message stays on one line, whatever a library put in it.
+
+    Defence in depth behind :func:`printable`: pynetdicom and pydicom log some received values as
+    they are (an undecodable AE title or UID in an exception message). Tracebacks, which the
+    formatter adds after the message, keep their lines.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _UNSAFE.search(message):
+            record.msg, record.args = printable(message, LOG_MESSAGE_MAX), None
+        return True

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dicomnode import __version__
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import ConfigError, NodeError
+from dicomnode.log_escape import SingleLineMessages
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(SingleLineMessages())  # no peer-sent value can forge a log line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
