@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -75,7 +74,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.association_gate import GatedAssociationServer, RefusedRequest, start_gated_server
-from dicomnode.config import SecuritySettings, Settings
+from dicomnode.config import Settings
 from dicomnode.dataset_checks import (
     ERROR_COMMENT_MAX,
     OUT_OF_RESOURCES,
@@ -85,6 +84,7 @@ from dicomnode.dataset_checks import (
 )
 from dicomnode.errors import ConfigError, StorageError
 from dicomnode.log_escape import printable
+from dicomnode.scp_tls import server_tls_context
 from dicomnode.scu import set_tcp_nodelay
 from storage.associations import end_association, record_association
 from storage.instances import classify_resend, find_instance, record_instance
@@ -130,43 +130,6 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     if comment:
         rsp.ErrorComment = comment.replace("\\", "/")[:ERROR_COMMENT_MAX]
     return rsp
-
-
-# ---- TLS ------------------------------------------------------------------------------------------
-
-
-class _HandshakeInAssociationThread(ssl.SSLContext):
-    """Server sockets that do the TLS handshake on their first read, not in ``wrap_socket``.
-
-    pynetdicom wraps each accepted socket in its single accept thread, so with the default eager
-    handshake one peer that connects and stays silent would stall every other association.
-    """
-
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
-        kwargs["do_handshake_on_connect"] = False
-        return super().wrap_socket(sock, *args, **kwargs)
-
-
-def server_tls_context(security: SecuritySettings) -> ssl.SSLContext | None:
-    """The SCP's TLS context (PS3.15 B.1, TLS 1.2 or later), or None when TLS is not configured.
-
-    With ``tls_ca_certificates`` set, calling nodes must present a certificate signed by that CA.
-    """
-    if security.tls_certificate is None or security.tls_private_key is None:
-        return None
-    context = _HandshakeInAssociationThread(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(security.tls_certificate, security.tls_private_key)
-        if security.tls_ca_certificates is not None:
-            context.load_verify_locations(cafile=security.tls_ca_certificates)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (ssl.SSLError, OSError) as e:
-        raise ConfigError(
-            f"security.tls_certificate: cannot load {security.tls_certificate} / "
-            f"{security.tls_private_key} / {security.tls_ca_certificates}: {e}"
-        ) from e
-    return context
 
 
 # ---- The server -----------------------------------------------------------------------------------
