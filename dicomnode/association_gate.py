@@ -28,9 +28,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.log_escape import printable
@@ -216,6 +216,21 @@ class GatedAssociationServer(ThreadedAssociationServer):
         super().shutdown()
 
 
+def _unbind_standard_log_handlers(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: drop pynetdicom's own per-PDU and per-message log handlers from the association.
+
+    pynetdicom binds them to every association; they run on each PDU received or sent and describe
+    each A-ASSOCIATE-RQ context by context, mostly for DEBUG lines, plus an INFO line per C-STORE that
+    repeats the node's own. Left out unless pynetdicom logs at DEBUG (``dicomnode -vv serve``).
+    """
+    assoc = event.assoc
+    for kind in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+        bound = cast(list[tuple[Callable[..., Any], Any]], assoc.get_handlers(kind))
+        for handler, _ in list(bound):
+            if getattr(handler, "__module__", "") == "pynetdicom._handlers":
+                assoc.unbind(kind, handler)
+
+
 def start_gated_server(
     ae: AE,
     address: tuple[str, int],
@@ -237,6 +252,8 @@ def start_gated_server(
         on_refused=on_refused,
     )
     assert isinstance(server, GatedAssociationServer)
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        server.bind(evt.EVT_CONN_OPEN, _unbind_standard_log_handlers)
     thread = threading.Thread(target=server.serve_forever, name=f"GatedAssociationServer@{address[1]}", daemon=True)
     thread.start()
     ae._servers.append(server)  # as start_server does: AE.shutdown() and server.shutdown() expect it

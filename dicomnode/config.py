@@ -153,6 +153,7 @@ class NodeSettings:
     network_timeout_s: float = 60.0
     request_timeout_s: float = 5.0
     max_associations_per_peer: int = 5
+    maximum_pdu_bytes: int = 1048576
 
     def __post_init__(self) -> None:
         _check_fields(self, "node")
@@ -162,6 +163,7 @@ class NodeSettings:
         _check_range("node.min_free_mb", self.min_free_mb, 0)
         _check_range("node.max_associations", self.max_associations, 1)
         _check_range("node.max_associations_per_peer", self.max_associations_per_peer, 0)
+        _check_range("node.maximum_pdu_bytes", self.maximum_pdu_bytes, 4096, 2**32 - 1)
         if self.duplicate_policy not in DUPLICATE_POLICIES:
             raise ConfigError(
                 f"node.duplicate_policy: must be one of {DUPLICATE_POLICIES}, got {self.duplicate_policy!r}"

@@ -84,6 +84,7 @@ from dicomnode.dataset_checks import (
 )
 from dicomnode.errors import ConfigError, StorageError
 from dicomnode.log_escape import printable
+from dicomnode.part10 import file_header
 from dicomnode.scp_tls import server_tls_context
 from dicomnode.scu import set_tcp_nodelay
 from storage.associations import end_association, record_association
@@ -175,6 +176,7 @@ class StorageSCP:
         node, security = self.settings.node, self.settings.security
         ae = AE(ae_title=node.ae_title)
         ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.maximum_pdu_bytes
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
@@ -411,14 +413,17 @@ class StorageSCP:
         """The received data set with File Meta Information, checked (dicomnode.dataset_checks)."""
         req = cast(C_STORE, event.request)
         context = event.context
-        data = event.encoded_dataset()
+        AffectedSOPClassUID = str(req.AffectedSOPClassUID or "")
+        AffectedSOPInstanceUID = str(req.AffectedSOPInstanceUID or "")
+        body = event.encoded_dataset(include_meta=False)
+        data = file_header(AffectedSOPClassUID, AffectedSOPInstanceUID, str(context.transfer_syntax)) + body
         received = check_c_store(
             data,
-            event.encoded_dataset(include_meta=False),
+            body,
             UID(context.transfer_syntax),
             str(context.abstract_syntax),
-            str(req.AffectedSOPClassUID or ""),
-            str(req.AffectedSOPInstanceUID or ""),
+            AffectedSOPClassUID,
+            AffectedSOPInstanceUID,
         )
         return data, received
 
@@ -427,10 +432,8 @@ class StorageSCP:
         data, received = self._check(event)
         ds, fields = received.ds, received.fields
         SOPInstanceUID = fields["sop_instance_uid"]
-        with self.sessions() as session:
-            existing = find_instance(session, SOPInstanceUID)
-        if existing is not None:
-            return self._answer_resend(record, existing, data)
+        # No look-up first: a re-sent UID is rare, and the row's unique SOP Instance UID turns it into
+        # a failed insert below, answered from the stored row (one query less per instance).
         try:
             stored = self.store.write(data)
         except StorageError as e:

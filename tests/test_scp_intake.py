@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from dicomnode.config import NodeSettings, load_settings
 from dicomnode.dataset_checks import (
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
     ELEMENT_INVALID,
@@ -36,6 +37,7 @@ from dicomnode.dataset_checks import (
     PIXEL_DATA_LENGTH,
     check_c_store,
 )
+from dicomnode.errors import ConfigError
 from dicomnode.log_escape import SingleLineMessages, printable
 from tests.dicom_nodes import AE_TITLE, CALLING, Node, node_factory, pydicom_file, wait_until
 from tests.raw_dicom import association_request, closed_by_peer, raw_store, read_pdu
@@ -393,3 +395,16 @@ def test_a_peer_over_its_cap_is_rejected_transient_and_others_still_served(
     again = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
     assert again.is_established
     again.release()
+
+
+# ---- Settings -------------------------------------------------------------------------------------------
+
+
+def test_the_new_node_keys_default_as_shipped_and_are_checked(tmp_path: Path) -> None:
+    shipped = load_settings(Path(__file__).resolve().parents[1] / "config" / "dicomnode.toml", env={})
+    defaults = NodeSettings(storage_dir=tmp_path)
+    for s in (shipped.node, defaults):
+        assert (s.request_timeout_s, s.max_associations_per_peer, s.maximum_pdu_bytes) == (5.0, 5, 1048576)
+    for key, value in (("request_timeout_s", 0), ("max_associations_per_peer", -1), ("maximum_pdu_bytes", 100)):
+        with pytest.raises(ConfigError, match=f"node.{key}"):
+            NodeSettings(storage_dir=tmp_path, **{key: value})
