@@ -83,6 +83,7 @@ from dicomnode.dataset_checks import (
     check_c_store,
 )
 from dicomnode.errors import ConfigError, StorageError
+from dicomnode.group_commit import GroupCommitter
 from dicomnode.log_escape import printable
 from dicomnode.part10 import file_header
 from dicomnode.scp_tls import server_tls_context
@@ -170,6 +171,7 @@ class StorageSCP:
         self._server: GatedAssociationServer | None = None
         self._records: dict[Association, _AssociationRecord] = {}
         self._lock = threading.Lock()
+        self._committer = GroupCommitter(sessions)
         self._ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -439,22 +441,26 @@ class StorageSCP:
         except StorageError as e:
             logger.error("association %d: cannot store %s: %s", record.id, SOPInstanceUID, e)
             return _status(OUT_OF_RESOURCES, "cannot write the instance to storage")
+
+        def record_it(session: Session) -> Instance:
+            instance = record_instance(
+                session,
+                **fields,
+                origin="received",
+                path=stored.path,
+                sha256=stored.sha256,
+                size_bytes=stored.size_bytes,
+                association_id=record.id,
+                calling_ae=record.calling_ae,
+                called_ae=record.called_ae,
+                peer_host=record.peer_host,
+            )
+            if self.intake is not None:
+                self.intake(session, instance, ds)
+            return instance
+
         try:
-            with self.sessions.begin() as session:
-                instance = record_instance(
-                    session,
-                    **fields,
-                    origin="received",
-                    path=stored.path,
-                    sha256=stored.sha256,
-                    size_bytes=stored.size_bytes,
-                    association_id=record.id,
-                    calling_ae=record.calling_ae,
-                    called_ae=record.called_ae,
-                    peer_host=record.peer_host,
-                )
-                if self.intake is not None:
-                    self.intake(session, instance, ds)
+            self._committer.run(record_it)  # with other associations' records: one commit, one fsync
         except Exception:
             self._discard(record, stored.path)  # never acknowledged: the file must not stay
             with self.sessions() as session:

@@ -6,8 +6,10 @@ peer must not lock others out; peer-chosen values must not forge log lines.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +41,7 @@ from dicomnode.dataset_checks import (
 )
 from dicomnode.errors import ConfigError
 from dicomnode.log_escape import SingleLineMessages, printable
+from tests.conftest import dcmtk
 from tests.dicom_nodes import AE_TITLE, CALLING, Node, node_factory, pydicom_file, wait_until
 from tests.raw_dicom import association_request, closed_by_peer, raw_store, read_pdu
 
@@ -408,3 +411,34 @@ def test_the_new_node_keys_default_as_shipped_and_are_checked(tmp_path: Path) ->
     for key, value in (("request_timeout_s", 0), ("max_associations_per_peer", -1), ("maximum_pdu_bytes", 100)):
         with pytest.raises(ConfigError, match=f"node.{key}"):
             NodeSettings(storage_dir=tmp_path, **{key: value})
+
+
+# ---- Concurrent associations (group commit) ----------------------------------------------------------
+
+
+def test_four_concurrent_storescu_associations_store_every_instance(node: Node, tmp_path: Path) -> None:
+    folders = []
+    for a in range(4):
+        folder = tmp_path / f"a{a}"
+        folder.mkdir()
+        for i in range(6):
+            ds = small_dx(rows=64, columns=64)
+            ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+            ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)
+        folders.append(folder)
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    procs = [
+        subprocess.Popen(
+            [dcmtk("storescu"), "-aet", CALLING, "-aec", AE_TITLE, "127.0.0.1", str(node.port), "+sd", str(f)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for f in folders
+    ]
+    assert [p.wait(60) for p in procs] == [0, 0, 0, 0]
+    sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for f in folders for p in f.iterdir()}
+    rows = {row.sop_instance_uid: row for row in node.instances()}
+    assert set(rows) == set(sent) and len(node.files()) == 24
+    for uid, row in rows.items():
+        assert body_of(node.store.absolute(row.path)) == body_of(sent[uid])
