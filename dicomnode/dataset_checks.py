@@ -15,8 +15,8 @@ association, with the status the sender must see (never 0xA7xx, which means "ret
 - native Pixel Data is exactly Rows x Columns x Samples per Pixel x Bits Allocated / 8 x Number of
   Frames bytes long, one padding byte allowed (PS3.5 8.1.1; 0xC215);
 - Pixel Data is encapsulated if and only if the transfer syntax is (PS3.5 A.4; 0xC216), and then holds
-  a Basic Offset Table item and at least one fragment per frame, all of even length, the offsets
-  pointing at fragment starts (0xC217).
+  a Basic Offset Table item and at least one fragment per frame (not for MPEG video streams), all of
+  even length, the offsets pointing at fragment starts (0xC217).
 
 Only element headers are walked; no value of Pixel Data is read. Each failure is a :class:`Refusal`
 carrying the status and a short Error Comment; values from the peer in it are escaped.
@@ -34,7 +34,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import RE_VALID_UID, UID
+from pydicom.uid import RE_VALID_UID, UID, MPEGTransferSyntaxes
 from pynetdicom import sop_class
 
 from dicomnode.errors import DicomInputError
@@ -257,7 +257,10 @@ def check_pixel_data(ds: Dataset, pixels: PixelDataLayout | None, transfer_synta
     if transfer_syntax.is_encapsulated:
         if pixels.length is not None:
             raise Refusal(PIXEL_DATA_ENCODING, f"native Pixel Data under compressed {transfer_syntax.name}")
-        _check_fragments(pixels, frames)
+        if transfer_syntax not in MPEGTransferSyntaxes:  # a video stream's fragments are not frames
+            _check_fragments(pixels, frames)
+        elif not pixels.items:
+            raise Refusal(ENCAPSULATION_INVALID, "encapsulated Pixel Data without Basic Offset Table item")
         return
     if pixels.length is None:
         raise Refusal(PIXEL_DATA_ENCODING, f"encapsulated Pixel Data under native {transfer_syntax.name}")
