@@ -1,4 +1,5 @@
-"""Group commit: the records of instances received on concurrent associations share one transaction.
+"""Group commit: the rows written on concurrent associations (instances received, associations
+opened and closed) share one transaction and one commit.
 
 Each C-STORE is acknowledged only after its row is committed, and a durable commit costs an fsync
 (SQLite ``synchronous = FULL``, PostgreSQL ``fsync``), which bounds one writer to a few hundred

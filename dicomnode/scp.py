@@ -289,8 +289,8 @@ class StorageSCP:
         requestor = assoc.requestor
         calling_ae, called_ae = _ae_titles(assoc)
         try:
-            with self.sessions.begin() as session:
-                row = record_association(
+            row = self._committer.run(
+                lambda session: record_association(
                     session,
                     calling_ae=calling_ae,
                     called_ae=called_ae,
@@ -298,6 +298,7 @@ class StorageSCP:
                     peer_port=requestor.port,
                     accepted=True,
                 )
+            )
         except Exception:
             # Instances could not name their association: refuse the whole association instead.
             logger.exception(
@@ -347,8 +348,8 @@ class StorageSCP:
     def _record_rejection(self, host: str, port: int, calling_ae: str, called_ae: str, reason: str) -> None:
         row_id = "?"
         try:
-            with self.sessions.begin() as session:
-                row = record_association(
+            row = self._committer.run(
+                lambda session: record_association(
                     session,
                     calling_ae=calling_ae[:16],
                     called_ae=called_ae[:16],
@@ -357,7 +358,8 @@ class StorageSCP:
                     accepted=False,
                     reason=reason,
                 )
-                row_id = str(row.id)
+            )
+            row_id = str(row.id)
         except Exception:
             logger.exception("association ?: cannot record the rejection of %s", host)
         logger.warning("association %s: rejected from %s:%d: %s", row_id, host, port, printable(reason, 256))
@@ -375,8 +377,7 @@ class StorageSCP:
         if record is None:
             return
         try:
-            with self.sessions.begin() as session:
-                end_association(session, record.id, n_instances=record.n_instances)
+            self._committer.run(lambda session: end_association(session, record.id, n_instances=record.n_instances))
         except Exception:
             logger.exception("association %d: cannot record its end", record.id)
         logger.info("association %d: %s after %d new instances", record.id, how, record.n_instances)
