@@ -133,7 +133,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
                     self._pending.discard(request)
             if pdu is None:
                 logger.info(
-                    "connection from %s:%d sent no association request within %g s; closed",
+                    "connection from %s:%d closed, or sent no association request within %g s; closed",
                     host,
                     port,
                     self.request_timeout_s,
