@@ -165,8 +165,9 @@ class GatedAssociationServer(ThreadedAssociationServer):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closing:
                 return None
-            readable, _, _ = select.select([sock], [], [], remaining)
-            if not readable:
+            poller = select.poll()  # not select.select: no limit on the descriptor's number
+            poller.register(sock.fileno(), select.POLLIN)
+            if not poller.poll(remaining * 1000):
                 return None
             if tls:
                 return b""  # the TLS handshake has begun; its bytes are not ours to read
