@@ -149,6 +149,9 @@ class NodeSettings:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    request_timeout_s: float = 5.0
+    max_associations_per_peer: int = 5
+    maximum_pdu_bytes: int = 1048576
 
     def __post_init__(self) -> None:
         _check_fields(self, "node")
@@ -157,11 +160,13 @@ class NodeSettings:
         _check_range("node.port", self.port, 1, 65535)
         _check_range("node.min_free_mb", self.min_free_mb, 0)
         _check_range("node.max_associations", self.max_associations, 1)
+        _check_range("node.max_associations_per_peer", self.max_associations_per_peer, 0)
+        _check_range("node.maximum_pdu_bytes", self.maximum_pdu_bytes, 4096, 2**32 - 1)
         if self.duplicate_policy not in DUPLICATE_POLICIES:
             raise ConfigError(
                 f"node.duplicate_policy: must be one of {DUPLICATE_POLICIES}, got {self.duplicate_policy!r}"
             )
-        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "request_timeout_s"):
             _check_positive(f"node.{key}", getattr(self, key))
         if self.database_url:
             backend = _database_backend("node.database_url", self.database_url)
