@@ -48,7 +48,16 @@ SERIES_NUMBERS = range(900, 1000)
 SKIP_DERIVED_VALUES: tuple[SkipDerived, ...] = get_args(SkipDerived)  # ("secondary", "all", "none")
 _PEER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 PEER_KINDS = ("dimse", "dicomweb")
-_DICOMWEB_KEYS = ("url", "username", "password", "password_env", "bearer_token", "token_env", "tls_verify", "tls_ca_file")
+_DICOMWEB_KEYS = (
+    "url",
+    "username",
+    "password",
+    "password_env",
+    "bearer_token",
+    "token_env",
+    "tls_verify",
+    "tls_ca_file",
+)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CS_VALUE = re.compile(r"[A-Z0-9 _]{1,16}")  # PS3.5 Table 6.2-1, VR CS
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -524,8 +533,9 @@ def _read_file(path: Path) -> dict[str, Any]:
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise ConfigError(f"{section}: must be an array of tables, written [[{section}]]")
             hints = _hints(_LISTS[section])
+            resolve = [k for k, hint in hints.items() if _is_path(hint)]  # e.g. peers' tls_ca_file
             data[section] = [
-                {k: _resolve(f"{section}.{k}", v, path.parent) if _is_path(hints.get(k)) else v for k, v in item.items()}
+                {k: _resolve(f"{section}.{k}", v, path.parent) if k in resolve else v for k, v in item.items()}
                 for item in value
             ]
             continue

@@ -52,10 +52,11 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import commitment
 from dicomnode.config import SecuritySettings, Settings
 from dicomnode.errors import ConfigError, DicomInputError, StorageError
 from dicomnode.scu import set_tcp_nodelay
@@ -329,6 +330,10 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(cast(str, context.abstract_syntax), list(TRANSFER_SYNTAXES))
+        # A peer reporting a storage commitment result proposes the SCP role for itself (PS3.4 J.3.3)
+        ae.add_supported_context(
+            StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], scu_role=True, scp_role=True
+        )
         return ae
 
     @property
@@ -353,6 +358,7 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
         try:
             self._server = self._ae.start_server(
@@ -516,6 +522,10 @@ class StorageSCP:
     def _on_echo(self, event: evt.Event) -> int:
         logger.debug("association %s: C-ECHO", self._tag(event.assoc))
         return SUCCESS
+
+    def _on_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        logger.debug("association %s: N-EVENT-REPORT", self._tag(event.assoc))
+        return commitment.on_event_report(self.settings, self.sessions, event)
 
     # ---- C-STORE ----
 
