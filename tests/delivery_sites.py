@@ -78,8 +78,8 @@ class Site:
                 d.not_before = utcnow()
 
 
-def make_site(folder: Path, peers: str, node: str = "", scheduler: str = "") -> Site:
-    """A site from a real TOML file: ``peers`` is the [[peers]] text, ``node``/``scheduler`` extra keys."""
+def make_site(folder: Path, peers: str, node: str = "", max_attempts: int = 3) -> Site:
+    """A site from a real TOML file: ``peers`` is the [[peers]] text, ``node`` extra [node] keys."""
     config = folder / "dicomnode.toml"
     config.write_text(
         f"""
@@ -95,8 +95,7 @@ model = "{folder / "no-model"}"
 [scheduler]
 backoff_initial_s = 60
 backoff_max_s = 600
-delivery_max_attempts = 3
-{scheduler}
+delivery_max_attempts = {max_attempts}
 
 {peers}
 """
