@@ -18,10 +18,12 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,7 +48,7 @@ ALL_COMMITTED, SOME_FAILED = 1, 2  # Event Type IDs (PS3.4 Table J.3-2)
 SAME_ASSOCIATION_WAIT_S = 1.0
 PROCESSING_FAILURE = 0x0110
 NO_SUCH_EVENT_TYPE = 0x0113
-CONTEXT = (StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+CONTEXT: tuple[str, list[str]] = (StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ def send_action(
 
     def on_report(event: evt.Event) -> tuple[int, Dataset | None]:
         try:
-            reports.append(parse_report(int(event.request.EventTypeID), event.event_information))
+            request = cast(N_EVENT_REPORT, event.request)
+            reports.append(parse_report(int(request.EventTypeID or 0), event.event_information))
         except ValueError as e:
             logger.warning("peer %s: unusable N-EVENT-REPORT: %s", peer.name, e)
             return NO_SUCH_EVENT_TYPE, None
@@ -188,11 +191,12 @@ def on_event_report(
 ) -> tuple[int, Dataset | None]:
     """EVT_N_EVENT_REPORT handler of the node's SCP: a peer reports a commitment result (PS3.4 J.3.3)."""
     calling = str(event.assoc.requestor.ae_title).strip()
-    if str(event.request.AffectedSOPClassUID) != StorageCommitmentPushModel:
-        logger.warning("N-EVENT-REPORT from %s for SOP Class %s refused", calling, event.request.AffectedSOPClassUID)
+    request = cast(N_EVENT_REPORT, event.request)
+    if str(request.AffectedSOPClassUID) != StorageCommitmentPushModel:
+        logger.warning("N-EVENT-REPORT from %s for SOP Class %s refused", calling, request.AffectedSOPClassUID)
         return PROCESSING_FAILURE, None
     try:
-        report = parse_report(int(event.request.EventTypeID), event.event_information)
+        report = parse_report(int(request.EventTypeID or 0), event.event_information)
     except ValueError as e:
         logger.warning("N-EVENT-REPORT from %s refused: %s", calling, e)
         return NO_SUCH_EVENT_TYPE, None

@@ -278,6 +278,8 @@ class PeerSettings:
             if getattr(self, key) != _field_default(PeerSettings, key):
                 raise ConfigError(f"{where}.{key}: not for kind = \"dicomweb\" peers (the url says where)")
         url = urlsplit(self.url)
+        if url.username is not None or url.password is not None:
+            raise ConfigError(f"{where}.url: put credentials in username/password keys, not in the URL")
         if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
             raise ConfigError(
                 f"{where}.url: must be the STOW-RS base URL, http(s)://host[:port]/path, got {self.url!r}"

@@ -188,6 +188,7 @@ def test_dicomweb_peer_settings(tmp_path: Path) -> None:
         env_peer.credentials({})
     bad = [
         ({"url": "ftp://h/x"}, r"peers\[web\]\.url: must be the STOW-RS base URL"),
+        ({"url": "http://u:p@h/x"}, r"peers\[web\]\.url: put credentials in username/password keys"),
         ({"url": "http://h/x", "ae_title": "X"}, r"peers\[web\]\.ae_title: not for kind"),
         ({"url": "http://h/x", "username": "u"}, r"password: give exactly one"),
         ({"url": "http://h/x", "username": "u", "password": "p", "bearer_token": "t"}, r"not both"),
