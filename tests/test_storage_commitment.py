@@ -3,6 +3,7 @@ on the node's own SCP as Orthanc sends it: a new association, Orthanc in the SCP
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,3 +149,45 @@ def _paths(site: Site, uids: list[str]) -> list[str]:
 
     with site.sessions() as session:
         return [find_instance(session, uid).path for uid in uids]  # type: ignore[union-attr]
+
+
+def test_a_report_on_the_same_association_is_taken_there(tmp_path: Path) -> None:
+    """A Storage Commitment SCP that answers on the requesting association (PS3.4 J.3.3 allows it):
+    a pynetdicom peer here, as Orthanc always opens a new association."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    def on_action(event: evt.Event) -> tuple[int, None]:
+        request = event.action_information
+        info = Dataset()
+        info.TransactionUID = request.TransactionUID
+        info.ReferencedSOPSequence = list(request.ReferencedSOPSequence)
+        assoc = event.assoc
+
+        def report() -> None:  # after the N-ACTION response, from another thread than the reactor
+            time.sleep(0.05)
+            assoc.send_n_event_report(info, 1, StorageCommitmentPushModel, commitment.STORAGE_COMMITMENT_INSTANCE)
+
+        threading.Thread(target=report, daemon=True).start()
+        return 0x0000, None
+
+    scp = AE(ae_title="COMMITSCP")
+    for context in AllStoragePresentationContexts:
+        scp.add_supported_context(context.abstract_syntax)
+    scp.add_supported_context(StorageCommitmentPushModel)
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_N_ACTION, on_action)],
+    )
+    try:
+        peer = (
+            f'[[peers]]\nname = "pacs"\nae_title = "COMMITSCP"\nhost = "127.0.0.1"\nport = {port}\n'
+            "storage_commitment = true\n"
+        )
+        site = make_site(tmp_path, peer)  # no SCP of the node runs: only the same association can carry it
+        site.derived_series(2)
+        assert site.deliver() == 2
+        assert set(states(site).values()) == {"committed"}
+    finally:
+        server.shutdown()
