@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -189,7 +190,15 @@ def expire(settings: Settings, sessions: sessionmaker[Session]) -> int:
 def on_event_report(
     settings: Settings, sessions: sessionmaker[Session], event: evt.Event
 ) -> tuple[int, Dataset | None]:
-    """EVT_N_EVENT_REPORT handler of the node's SCP: a peer reports a commitment result (PS3.4 J.3.3)."""
+    """EVT_N_EVENT_REPORT handler of the node's SCP: a peer reports a commitment result (PS3.4 J.3.3).
+
+    pynetdicom serves an N-EVENT-REPORT on a thread of its own at once, even while the SCP's
+    EVT_ACCEPTED handler (which writes the association row) still runs, and drops the response if the
+    association is not marked established when the handler returns: wait for that first.
+    """
+    deadline = time.monotonic() + settings.node.acse_timeout_s
+    while not event.assoc.is_established and time.monotonic() < deadline and not event.assoc.is_aborted:
+        time.sleep(0.01)
     calling = str(event.assoc.requestor.ae_title).strip()
     request = cast(N_EVENT_REPORT, event.request)
     if str(request.AffectedSOPClassUID) != StorageCommitmentPushModel:

@@ -209,3 +209,16 @@ def test_parse_response_of_a_non_dicom_body_is_none() -> None:
     body = {"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3"]}}]}}
     parsed = parse_response("application/dicom+json", json.dumps(body).encode())
     assert parsed is not None and dict(parsed.referenced) == {"1.2.3": None} and not parsed.failed
+
+
+def test_config_check_shows_the_dicomweb_peer_without_its_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicomnode.cli import main
+
+    auth = 'username = "node"\npassword = "in-file-s3cret"'
+    site = make_site(tmp_path, web_peer("https://pacs.example.org/dicom-web", auth))
+    assert main(["config", "check", "--config", str(site.settings.source)]) == 0
+    out = capsys.readouterr().out
+    assert "web: STOW-RS https://pacs.example.org/dicom-web" in out
+    assert "in-file-s3cret" not in out and "in-file-s3cret" not in repr(site.settings)

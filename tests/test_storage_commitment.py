@@ -81,6 +81,12 @@ def test_deliveries_become_committed_when_orthanc_reports(start, capsys: pytest.
         # The report came on an association Orthanc opened to the node, recorded like any other.
         callers = session.scalars(select(Association.calling_ae)).all()
         assert "ORTHANC" in callers
+    # Orthanc got the node's N-EVENT-REPORT response: its commitment job ends in Success.
+    def orthanc_jobs() -> list[str] | None:
+        jobs = [j["State"] for j in s.pacs.get("/jobs?expand") if j["Type"] == "StorageCommitmentScp"]
+        return jobs if jobs and "Running" not in jobs and "Pending" not in jobs else None
+
+    assert wait_for(orthanc_jobs, 20, "Orthanc's storage commitment job") == ["Success"]
     assert main(["deliveries", "--config", str(s.site.settings.source), "--state", "committed"]) == 0
     out = capsys.readouterr().out
     assert out.count(" committed ") == 3
@@ -191,3 +197,35 @@ def test_a_report_on_the_same_association_is_taken_there(tmp_path: Path) -> None
         assert set(states(site).values()) == {"committed"}
     finally:
         server.shutdown()
+
+
+def test_the_scp_answers_reports_it_cannot_use(tmp_path: Path) -> None:
+    """An unknown Transaction UID is acknowledged (nothing waits for it); an Event Type ID that is
+    not a commitment result is refused with 0x0113 No such event type (PS3.7 10.1.1.1.8)."""
+    from pynetdicom import AE, build_role
+
+    node_port = free_port()
+    site = make_site(tmp_path, "", node=f'bind_address = "127.0.0.1"\nport = {node_port}')
+    scp = StorageSCP(site.settings, site.store, site.sessions)
+    scp.start()
+    try:
+        ae = AE(ae_title="REPORTER")
+        ae.dimse_timeout = 5
+        ae.add_requested_context(StorageCommitmentPushModel)
+        role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+        assoc = ae.associate("127.0.0.1", node_port, ae_title="SVDRR", ext_neg=[role])
+        assert assoc.is_established
+        info = commitment.action_request("1.2.826.0.1.3680043.8.498.5", [("1.2.840.10008.5.1.4.1.1.7", "1.2.3")])
+        try:
+            status, _ = assoc.send_n_event_report(
+                info, 1, StorageCommitmentPushModel, commitment.STORAGE_COMMITMENT_INSTANCE
+            )
+            assert status.Status == 0x0000
+            status, _ = assoc.send_n_event_report(
+                info, 5, StorageCommitmentPushModel, commitment.STORAGE_COMMITMENT_INSTANCE
+            )
+            assert status.Status == 0x0113
+        finally:
+            assoc.release()
+    finally:
+        scp.stop()
