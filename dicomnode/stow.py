@@ -10,9 +10,12 @@ instance, as from a C-STORE, so the delivery loop treats both alike: Success 0x0
 Reason), the Failure Reason code for a failed one, and no status at all for one the response does
 not mention.
 
-Whole-request failures raise: :class:`DeliveryRefused` for 4xx answers other than 408 and 429 (bad
-credentials, not found, unsupported media: retrying cannot help), :class:`DeliveryError` for 408,
-429, 5xx and network errors (transient). Credentials are never logged.
+Whole-request failures raise: :class:`DeliveryRefused` for 3xx (not followed) and 4xx answers
+other than 408 and 429 (bad credentials, not found, unsupported media: retrying cannot help),
+:class:`DeliveryError` for 408, 429, 5xx, network errors and a 2xx answer without a response data
+set (transient). Whenever the body is a STOW-RS response data set, it decides per instance,
+whatever the HTTP status (Orthanc answers 400 with the stored instances listed when one part is not
+DICOM). Credentials are never logged.
 """
 
 from __future__ import annotations
@@ -201,6 +204,7 @@ def store(
             auth=auth,
             verify=verify,
             timeout=timeout_s,
+            allow_redirects=False,  # a redirected POST would be re-sent as a GET, or land on a login page
         )
     except requests.RequestException as e:
         raise DeliveryError(f"peer {peer.name} ({url}) unreachable: {type(e).__name__}: {e}") from e
@@ -214,7 +218,9 @@ def store(
             raise DeliveryRefused(summary)
         if code >= 300:
             raise DeliveryRefused(f"{summary}: redirects are not followed for STOW-RS")
-        parsed = StowResponse({p.SOPInstanceUID: None for p in parts}, {})  # 2xx without a data set
+        # PS3.18 10.5.3 requires the response data set; a 2xx page without one (a proxy, a portal)
+        # proves nothing was stored, so it is no success. Retried: it may be a passing glitch.
+        raise DeliveryError(f"{summary}: no STOW-RS response data set ({response.headers.get('Content-Type')})")
     by_uid = {p.SOPInstanceUID: _result(p.SOPInstanceUID, parsed, code) for p in parts}
     results = [r if isinstance(r, SendResult) else by_uid[r.SOPInstanceUID] for r in read]
     failed = sum(not r.succeeded for r in results)

@@ -167,6 +167,16 @@ def test_bad_credentials_fail_at_once_with_the_reason_then_resend_succeeds(
     assert len(orthanc_series(pacs, series[0].SeriesInstanceUID)) == 2
 
 
+def test_a_url_that_is_no_stow_rs_service_fails_at_once(tmp_path: Path, orthanc: Callable[..., Orthanc]) -> None:
+    pacs = orthanc()
+    site = make_site(tmp_path, web_peer(f"http://127.0.0.1:{pacs.http_port}/no-such-service"))
+    site.derived_series(1)
+    assert site.deliver() == 0
+    (d,) = site.deliveries().values()
+    assert (d.state, d.attempts) == ("failed", 1)
+    assert d.last_error is not None and "HTTP 404" in d.last_error
+
+
 def test_an_unreachable_server_is_transient(tmp_path: Path) -> None:
     site = make_site(tmp_path, web_peer(f"http://127.0.0.1:{free_port()}/dicom-web"))
     site.derived_series(2)
@@ -222,3 +232,34 @@ def test_config_check_shows_the_dicomweb_peer_without_its_secret(
     out = capsys.readouterr().out
     assert "web: STOW-RS https://pacs.example.org/dicom-web" in out
     assert "in-file-s3cret" not in out and "in-file-s3cret" not in repr(site.settings)
+
+
+def test_a_2xx_page_without_a_response_data_set_is_no_success(tmp_path: Path) -> None:
+    """A portal or proxy answering 200 with HTML (Orthanc never does; a tiny local server plays it)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Portal(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b"<html>Welcome</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Portal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        site = make_site(tmp_path, web_peer(f"http://127.0.0.1:{server.server_address[1]}/dicom-web"))
+        site.derived_series(1)
+        assert site.deliver() == 0
+        (d,) = site.deliveries().values()
+        assert (d.state, d.attempts) == ("pending", 1)
+        assert d.last_error is not None and "no STOW-RS response data set" in d.last_error
+    finally:
+        server.shutdown()
