@@ -34,13 +34,16 @@ class Setup:
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator:
     running: list[Setup] = []
+    orthancs: list[Orthanc] = []
 
     def start(report_port: int | None = None, timeout_s: float = 30, max_attempts: int = 3) -> Setup:
         node_port = free_port()
         # Orthanc sends the N-EVENT-REPORT to the AE listed under the requesting AE title.
         pacs = Orthanc(
             tmp_path / "orthanc", modalities={"node": ("SVDRR", "127.0.0.1", report_port or node_port)}
-        ).start()
+        )
+        orthancs.append(pacs)
+        pacs.start()
         peer = (
             f'[[peers]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
             f"storage_commitment = true\ncommitment_timeout_s = {timeout_s}\n"
@@ -60,7 +63,8 @@ def start(tmp_path: Path) -> Iterator:
     yield start
     for setup in running:
         setup.scp.stop()
-        setup.pacs.stop()
+    for pacs in orthancs:
+        pacs.stop()
 
 
 def states(site: Site) -> dict[str, str]:
