@@ -25,15 +25,17 @@ def test_committed_by_dimse_and_sent_by_stow_rs(tmp_path: Path, monkeypatch: pyt
 
     model = make_tiny_model(tmp_path / "model", resolution=64)
     port = free_port()
-    pacs = Orthanc(tmp_path / "pacs", modalities={"node": ("SVDRR", "127.0.0.1", port)}).start()
+    pacs = Orthanc(tmp_path / "pacs", modalities={"node": ("SVDRR", "127.0.0.1", port)})
     web = Orthanc(
         tmp_path / "web",
         ae_title="WEBPACS",
         plugins=(DICOMWEB_PLUGIN,),
         extra={"AuthenticationEnabled": True, "RegisteredUsers": {"dicomnode": PASSWORD}},
-    ).start()
+    )
     node: NodeProcess | None = None
     try:
+        pacs.start()
+        web.start()
         config = node_config(tmp_path, port=port, model=model, pacs_port=pacs.dicom_port)
         text = config.read_text()
         text = text.replace(
