@@ -26,10 +26,11 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, get_args, get_type_hints
+from urllib.parse import urlsplit
 
 from dicomnode.aetitle import validate_ae_title
 from dicomnode.errors import ConfigError
@@ -47,6 +48,18 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 SERIES_NUMBERS = range(900, 1000)
 SKIP_DERIVED_VALUES: tuple[SkipDerived, ...] = get_args(SkipDerived)  # ("secondary", "all", "none")
 _PEER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+PEER_KINDS = ("dimse", "dicomweb")
+_DICOMWEB_KEYS = (
+    "url",
+    "username",
+    "password",
+    "password_env",
+    "bearer_token",
+    "token_env",
+    "tls_verify",
+    "tls_ca_file",
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NO_OVERRIDES: Mapping[str, object] = MappingProxyType({})
 
 
@@ -91,6 +104,10 @@ def _check_fields(obj: Any, section: str) -> None:
     for f in fields(obj):
         value = _coerce(f"{section}.{f.name}", getattr(obj, f.name), _hints(type(obj))[f.name])
         object.__setattr__(obj, f.name, value)
+
+
+def _field_default(cls: type, name: str) -> object:
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def _check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
@@ -212,22 +229,101 @@ class SecuritySettings:
 
 @dataclass(frozen=True, kw_only=True)
 class PeerSettings:
-    """One ``[[peers]]`` entry: a DICOM node we send derived series to."""
+    """One ``[[peers]]`` entry: a DICOM node we send derived series to.
+
+    ``kind = "dimse"`` (default) sends by C-STORE to ``ae_title@host:port`` and may ask for Storage
+    Commitment (PS3.4 J); ``kind = "dicomweb"`` sends by STOW-RS (PS3.18 10.5) to ``url``, its host
+    and port then derived from the URL. Secrets (``password``, ``bearer_token``) never appear in a
+    repr or a log; ``password_env``/``token_env`` name an environment variable read at send time
+    instead, so the file need not hold them (see :meth:`credentials`).
+    """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    kind: str = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: bool = False
+    storage_commitment: bool = False
+    commitment_timeout_s: float = 300.0
+    url: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_env: str = ""
+    bearer_token: str = field(default="", repr=False)
+    token_env: str = ""
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         where = f"peers[{self.name}]" if isinstance(self.name, str) and self.name else f"peers[{self.name!r}]"
         _check_fields(self, where)
         if not _PEER_NAME.fullmatch(self.name):
             raise ConfigError(f"{where}.name: must be letters, digits, '_' or '-', got {self.name!r}")
+        if self.kind not in PEER_KINDS:
+            raise ConfigError(f"{where}.kind: must be one of {', '.join(map(repr, PEER_KINDS))}, got {self.kind!r}")
+        if self.kind == "dicomweb":
+            self._check_dicomweb(where)
+            return
+        given = [k for k in _DICOMWEB_KEYS if getattr(self, k) != _field_default(PeerSettings, k)]
+        if given:
+            raise ConfigError(f"{where}.{given[0]}: only for kind = \"dicomweb\" peers")
+        for key in ("ae_title", "port"):
+            if not getattr(self, key):
+                raise ConfigError(f"{where}.{key}: required")
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, f"{where}.ae_title"))
         _check_host(f"{where}.host", self.host)
         _check_range(f"{where}.port", self.port, 1, 65535)
+        _check_positive(f"{where}.commitment_timeout_s", self.commitment_timeout_s)
+
+    def _check_dicomweb(self, where: str) -> None:
+        for key in ("ae_title", "host", "port", "tls", "storage_commitment"):
+            if getattr(self, key) != _field_default(PeerSettings, key):
+                raise ConfigError(f"{where}.{key}: not for kind = \"dicomweb\" peers (the url says where)")
+        url = urlsplit(self.url)
+        if url.username is not None or url.password is not None:
+            raise ConfigError(f"{where}.url: put credentials in username/password keys, not in the URL")
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise ConfigError(
+                f"{where}.url: must be the STOW-RS base URL, http(s)://host[:port]/path, got {self.url!r}"
+            )
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError as e:
+            raise ConfigError(f"{where}.url: {e}, got {self.url!r}") from e
+        object.__setattr__(self, "host", url.hostname)
+        object.__setattr__(self, "port", port)
+        basic = bool(self.username or self.password or self.password_env)
+        bearer = bool(self.bearer_token or self.token_env)
+        if basic and bearer:
+            raise ConfigError(f"{where}: give username/password (basic) or a bearer token, not both")
+        if basic and not self.username:
+            raise ConfigError(f"{where}.username: required with a password")
+        if basic and bool(self.password) == bool(self.password_env):
+            raise ConfigError(f"{where}.password: give exactly one of password and password_env")
+        if self.bearer_token and self.token_env:
+            raise ConfigError(f"{where}.bearer_token: give exactly one of bearer_token and token_env")
+        for key in ("password_env", "token_env"):
+            value = getattr(self, key)
+            if value and not _ENV_NAME.fullmatch(value):
+                raise ConfigError(f"{where}.{key}: must name an environment variable, got {value!r}")
+        if self.tls_ca_file is not None and not self.tls_ca_file.is_file():
+            raise ConfigError(f"{where}.tls_ca_file: file not found: {self.tls_ca_file}")
+
+    def credentials(self, env: Mapping[str, str] = os.environ) -> tuple[str, str] | str | None:
+        """HTTP credentials of a DICOMweb peer: ``(username, password)`` for basic, a bearer token
+        string, or None. ``*_env`` variables are read now; a missing one is a :class:`ConfigError`."""
+        if self.username:
+            password = self.password or env.get(self.password_env)
+            if password is None:
+                raise ConfigError(f"peers[{self.name}].password_env: ${self.password_env} is not set")
+            return (self.username, password)
+        if self.bearer_token or self.token_env:
+            token = self.bearer_token or env.get(self.token_env)
+            if not token:
+                raise ConfigError(f"peers[{self.name}].token_env: ${self.token_env} is not set")
+            return token
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -456,7 +552,12 @@ def _read_file(path: Path) -> dict[str, Any]:
         if section in _LISTS:
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise ConfigError(f"{section}: must be an array of tables, written [[{section}]]")
-            data[section] = [dict(item) for item in value]
+            hints = _hints(_LISTS[section])
+            resolve = [k for k, hint in hints.items() if _is_path(hint)]  # e.g. peers' tls_ca_file
+            data[section] = [
+                {k: _resolve(f"{section}.{k}", v, path.parent) if k in resolve else v for k, v in item.items()}
+                for item in value
+            ]
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{section}: must be a table, written [{section}]")

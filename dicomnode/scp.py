@@ -70,9 +70,10 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import commitment
 from dicomnode.association_gate import GatedAssociationServer, RefusedRequest, start_gated_server
 from dicomnode.config import Settings
 from dicomnode.dataset_checks import (
@@ -187,6 +188,10 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(cast(str, context.abstract_syntax), list(TRANSFER_SYNTAXES))
+        # A peer reporting a storage commitment result proposes the SCP role for itself (PS3.4 J.3.3)
+        ae.add_supported_context(
+            StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], scu_role=True, scp_role=True
+        )
         return ae
 
     @property
@@ -211,6 +216,7 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
         try:
             self._server = start_gated_server(
@@ -385,6 +391,10 @@ class StorageSCP:
     def _on_echo(self, event: evt.Event) -> int:
         logger.debug("association %s: C-ECHO", self._tag(event.assoc))
         return SUCCESS
+
+    def _on_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        logger.debug("association %s: N-EVENT-REPORT", self._tag(event.assoc))
+        return commitment.on_event_report(self.settings, self.sessions, event)
 
     # ---- C-STORE ----
 

@@ -299,7 +299,8 @@ class SynthesisWorker:
 
     def _target(self, peer_name: str) -> DeliveryTarget:
         peer = self.settings.peer(peer_name)
-        return DeliveryTarget(peer_name=peer.name, peer_ae=peer.ae_title, peer_host=peer.host, peer_port=peer.port)
+        ae = peer.ae_title if peer.kind == "dimse" else "STOW-RS"  # a DICOMweb peer has no AE title
+        return DeliveryTarget(peer_name=peer.name, peer_ae=ae, peer_host=peer.host, peer_port=peer.port)
 
 
 def worker_device(device: Any, gpu_index: int | None) -> Any:

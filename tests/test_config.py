@@ -119,7 +119,10 @@ def test_example_site_loads(tmp_path: Path) -> None:
     assert s.node.database_url.startswith("postgresql://")
     assert s.security.tls_enabled and s.security.tls_certificate == site / "tls" / "node.crt"
     assert s.security.allowed_calling_ae_titles == ("CR_ROOM1", "DX_ROOM2", "PACS_MAIN")
-    assert [p.name for p in s.peers] == ["pacs", "research-archive"] and s.peer("pacs").tls
+    assert [p.name for p in s.peers] == ["pacs", "research-archive", "web-viewer"] and s.peer("pacs").tls
+    assert s.peer("pacs").storage_commitment and s.peer("web-viewer").kind == "dicomweb"
+    assert s.peer("web-viewer").tls_ca_file == site / "tls" / "hospital-ca.pem"  # resolved like [security]'s
+    assert (s.peer("web-viewer").host, s.peer("web-viewer").port) == ("viewer.example.org", 443)
     ortho = s.rules[1]
     assert not ortho.enabled and ortho.views == ((-45.0, 10.0), (45.0, 10.0), (90.0, 0.0))
     assert s.output.series_number == 905

@@ -12,7 +12,7 @@ from dicomnode.cli.exitcodes import ExitCode
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deliveries", help="list deliveries; --resend ID sends one again")
     add_config_argument(p)
-    p.add_argument("--state", choices=["pending", "sent", "failed", "cancelled"])
+    p.add_argument("--state", choices=["pending", "sent", "committing", "committed", "failed", "cancelled"])
     p.add_argument("--peer", help="only this peer name")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--resend", type=int, metavar="ID", help="send delivery ID again")
@@ -36,11 +36,11 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.OK
     with sessions() as session:
         rows = list_deliveries(session, state=args.state, peer_name=args.peer, limit=args.limit)
-        print(f"{'id':>5} {'state':<8} {'peer':<12} {'status':<7} {'tries':>5} {'sent':<19} instance / error")
+        print(f"{'id':>5} {'state':<10} {'peer':<12} {'status':<7} {'tries':>5} {'sent':<19} instance / error")
         for d in rows:
             uid = session.get_one(Instance, d.output_instance_id).sop_instance_uid
             status = f"0x{d.status_code:04X}" if d.status_code is not None else "-"
             tail = uid + (f"  ({d.last_error.splitlines()[0][:60]})" if d.last_error else "")
             sent = when(d.sent_at)
-            print(f"{d.id:>5} {d.state:<8} {d.peer_name[:12]:<12} {status:<7} {d.attempts:>5} {sent:<19} {tail}")
+            print(f"{d.id:>5} {d.state:<10} {d.peer_name[:12]:<12} {status:<7} {d.attempts:>5} {sent:<19} {tail}")
     return ExitCode.OK
