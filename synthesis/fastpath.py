@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -268,5 +268,20 @@ def prepare_for_serving(
     seconds = 0.0
     if warm:
         shapes = chunk_shapes(view_counts, n, fast.pad_batches) or [min(n, CPU_AUTO_BATCH)]
-        seconds = warm_up(pipe, shapes, guidance_scale)
+        try:
+            seconds = warm_up(pipe, shapes, guidance_scale)
+        except Exception:  # a compiler failure must not cost the node its engine: fall back to eager
+            if not fast.compile:
+                raise
+            logger.exception("warm-up of the compiled path failed; the engine runs eagerly")
+            disable_compile(pipe)
     return n, seconds
+
+
+def disable_compile(pipe: Any) -> None:
+    """Back to the eager modules (the compiled call is dropped; weights are shared, nothing reloads)."""
+    for module in (pipe.transformer, pipe.vae.decoder if pipe.vae is not None else None):
+        if module is not None:
+            module._compiled_call_impl = None
+    pipe.fast_path = replace(pipe.fast_path, compile=False)
+    pipe.cuda_graphs = False

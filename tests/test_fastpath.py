@@ -156,6 +156,18 @@ def test_prepare_for_serving_warms_every_shape_the_rules_need(tiny_model_dir: Pa
     np.testing.assert_allclose(out, eager, atol=ATOL)
 
 
+def test_a_compiler_failure_at_warm_up_falls_back_to_eager(tiny_model_dir: Path, eager: np.ndarray) -> None:
+    def broken_backend(gm, example_inputs):  # noqa: ANN001, ANN202
+        raise RuntimeError("no compiler here")
+
+    pipe = _load(tiny_model_dir)
+    fast = FastPath(compile=True, pad_batches=True, backend=broken_backend)
+    max_batch, _ = prepare_for_serving(pipe, fast, 8, 3.0, view_counts=[5])
+    assert pipe.fast_path.compile is False and pipe.transformer._compiled_call_impl is None
+    out = pipe(_image(), azimuths=AZIMUTHS, num_inference_steps=STEPS, generator=5, max_batch=max_batch).images
+    np.testing.assert_allclose(out, eager, atol=ATOL)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_pipeline_matches_eager(tiny_model_dir: Path, eager: np.ndarray) -> None:
     """The real compiler (Inductor, C++ on the CPU): about a minute on two cores."""
