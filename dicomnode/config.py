@@ -241,7 +241,7 @@ class EngineSettings:
     seed: int = 0
     compile: str = "auto"  # torch.compile transformer + VAE decoder: auto (CUDA only), on, off
     cuda_graphs: bool = True  # CUDA graphs for the compiled transformer
-    pad_batches: bool = True  # pad short chunks to static shapes (no recompiles)
+    pad_batches: bool = True  # when compiling: pad short chunks to static shapes (no recompiles)
     warm_up: bool = True  # compile and run every chunk shape once when the worker loads the model
 
     def __post_init__(self) -> None:

@@ -63,13 +63,16 @@ class FastPath:
         cuda_graphs: bool = True,
         pad_batches: bool = True,
     ) -> FastPath:
-        """The settings a node uses: ``compile`` "auto" means on CUDA only (CPU compiles are slow)."""
+        """The settings a node uses: ``compile`` "auto" means on CUDA only (CPU compiles are slow).
+
+        Padding only pays when compiling (it saves recompiles); eager, it would only add rows.
+        """
         device = torch.device(device)
         if isinstance(compile, str):
             if compile not in ("auto", "on", "off"):
                 raise ValueError(f"compile must be auto, on or off, got {compile!r}")
             compile = device.type == "cuda" if compile == "auto" else compile == "on"
-        return cls(compile=compile, cuda_graphs=cuda_graphs, pad_batches=pad_batches)
+        return cls(compile=compile, cuda_graphs=cuda_graphs, pad_batches=pad_batches and compile)
 
 
 def enable_fast_path(pipe: Any, fast: FastPath) -> None:

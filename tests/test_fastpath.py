@@ -98,8 +98,9 @@ def pipe_cpu(tiny_model_dir: Path) -> SvdrrPipeline:
 
 
 def test_fast_path_for_device_resolves_auto() -> None:
-    assert FastPath.for_device("cpu").compile is False
-    assert FastPath.for_device("cpu", compile="on").compile is True
+    assert FastPath.for_device("cpu") == FastPath(compile=False, pad_batches=False)  # eager: no padding
+    assert FastPath.for_device("cpu", compile="on") == FastPath(compile=True, pad_batches=True)
+    assert FastPath.for_device("cuda", pad_batches=False).pad_batches is False
     assert FastPath.for_device("cuda:0", compile="auto").compile is True
     assert FastPath.for_device("cuda", compile="off").compile is False
     with pytest.raises(ValueError, match="auto, on or off"):

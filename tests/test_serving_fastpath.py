@@ -13,6 +13,7 @@ from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.config import load_settings
 from dicomnode.worker import SynthesisWorker
 from storage.models import Job, Output
+from synthesis.fastpath import FastPath
 from tests.conftest import free_port
 from tests.peers import node_config
 from tests.test_worker import chest, receive
@@ -33,13 +34,13 @@ def test_worker_warms_up_at_load_and_runs_jobs_padded(
     with caplog.at_level(logging.INFO):
         model = worker.load_model()
     assert model.max_batch == 8  # "auto" on the CPU
-    # The rule asks for 3 views: one chunk padded to 4, warmed before any job.
-    assert "warm-up: batch 4 at 64 px" in caplog.text
-    assert "warm-up" in caplog.text and "max_batch 8" in caplog.text
+    # compile "auto" is off on the CPU, and so is padding; the rule's 3 views were warmed at load.
+    assert model.pipe.fast_path == FastPath(compile=False, pad_batches=False)
+    assert "warm-up: batch 3 at 64 px" in caplog.text and "max_batch 8" in caplog.text
     rows: list[int] = []
     model.pipe.transformer.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     assert worker.run_once() is True
-    assert rows and set(rows) == {8}  # 3 views padded to 4, CFG pair in one batch
+    assert rows and set(rows) == {6}  # the 3 views and their CFG pairs in one batch
     with worker.sessions() as session:
         assert session.query(Job).one().state == "done"
         outputs = session.query(Output).all()
