@@ -317,7 +317,8 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
         ``generator``: one ``torch.Generator`` per view, or an int seed from which each view's
         generator is derived from the seed and the view's own angles (:func:`views.view_seed`), so a
         view's output never depends on which other views share the call. ``max_batch``: views
-        denoised together (the transformer sees twice as many rows with CFG).
+        denoised together (the transformer sees twice as many rows with CFG); on the fast path
+        (:mod:`synthesis.fastpath`) a short chunk is padded to a static size and the padding dropped.
         """
         t_start = time.perf_counter()
         views = make_views(azimuths, elevations)
