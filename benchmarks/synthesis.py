@@ -263,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not cuda:
         torch.set_num_threads(args.threads)
-    else:  # as the node does (synthesis.fastpath): TF32 for what stays float32 (an fp16 run's VAE)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    else:  # as the node does (synthesis.fastpath), for every scenario alike: TF32 for what stays
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 (an fp16 run's VAE), cuDNN autotuning
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     fast = torch.bfloat16 if cuda else torch.float32
     backend = args.backend or ("inductor" if cuda else "aot_eager")
     repeats = args.repeats or (2 if cuda else 1)
