@@ -45,6 +45,7 @@ DEFAULT_CONFIG = Path("config") / "dicomnode.toml"
 DUPLICATE_POLICIES = ("reject",)
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("auto", "on", "off")
 SERIES_NUMBERS = range(900, 1000)
 SKIP_DERIVED_VALUES: tuple[SkipDerived, ...] = get_args(SkipDerived)  # ("secondary", "all", "none")
 _PEER_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -335,10 +336,14 @@ class EngineSettings:
     dtype: str = "auto"
     steps: int = 20
     guidance_scale: float = 3.0
-    max_batch: int = 8
+    max_batch: int | str = 8  # views per chunk, or "auto": from free GPU memory (synthesis.fastpath)
     seed: int = 0
     # The consistency gate's threshold, overriding the model's (dicomnode-model.json); None: the model's.
     consistency_threshold: float | None = None
+    compile: str = "auto"  # torch.compile transformer + VAE decoder: auto (CUDA only), on, off
+    cuda_graphs: bool = True  # CUDA graphs for the compiled transformer
+    pad_batches: bool = True  # when compiling: pad short chunks to static shapes (no recompiles)
+    warm_up: bool = True  # compile and run every chunk shape once when the worker loads the model
 
     def __post_init__(self) -> None:
         _check_fields(self, "engine")
@@ -349,13 +354,18 @@ class EngineSettings:
             if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
                 raise ConfigError(f"engine.consistency_threshold: must be a number, got {threshold!r}")
             object.__setattr__(self, "consistency_threshold", float(threshold))
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"engine.compile: must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.max_batch != "auto" and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)):
+            raise ConfigError(f'engine.max_batch: must be an integer >= 1 or "auto", got {self.max_batch!r}')
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"engine.device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"engine.dtype: must be one of {DTYPES}, got {self.dtype!r}")
         _check_range("engine.steps", self.steps, 1)
         _check_range("engine.guidance_scale", self.guidance_scale, 1.0)
-        _check_range("engine.max_batch", self.max_batch, 1)
+        if self.max_batch != "auto":
+            _check_range("engine.max_batch", self.max_batch, 1)
         _check_range("engine.seed", self.seed, 0, 2**63 - 1)
 
     def dtype_for(self, device_type: str) -> str:

@@ -67,6 +67,7 @@ class LoadedModel:
     dtype: str
     name: str
     identity: str
+    max_batch: int = 8  # views per chunk, "auto" resolved at load
 
     @property
     def device_uid(self) -> str:
@@ -131,6 +132,7 @@ class SynthesisWorker:
     def load_model(self) -> LoadedModel:
         if self.model is None:
             from synthesis.device import resolve_device, resolve_dtype
+            from synthesis.fastpath import FastPath, prepare_for_serving
             from synthesis.pipeline import SvdrrPipeline
 
             device = worker_device(resolve_device(self.settings.engine.device), self.gpu_index)
@@ -138,20 +140,31 @@ class SynthesisWorker:
             t = time.perf_counter()
             pipe = SvdrrPipeline.from_pretrained(self.settings.engine.model, torch_dtype=dtype, device=device)
             pipe.set_progress_bar_config(disable=True)
+            # Fast path (synthesis.fastpath): compile, size the batches, warm every shape the rules need.
+            engine = self.settings.engine
+            fast = FastPath.for_device(device, engine.compile, engine.cuda_graphs, engine.pad_batches)
+            view_counts = [len(rule.azimuths) for rule in self.settings.rules if rule.enabled]
+            max_batch, warm_s = prepare_for_serving(
+                pipe, fast, engine.max_batch, engine.guidance_scale, view_counts, warm=engine.warm_up
+            )
             self.model = LoadedModel(
                 pipe=pipe,
                 device=str(device),
                 dtype=str(dtype).removeprefix("torch."),
                 name=self.settings.engine.model.name,
                 identity=pipe.model_identity,
+                max_batch=max_batch,
             )
             logger.info(
-                "worker %s loaded model %s (identity %s) on %s in %.1f s",
+                "worker %s loaded model %s (identity %s) on %s in %.1f s (warm-up %.1f s, compiled %s, max_batch %d)",
                 self.worker_id,
                 self.model.name,
                 self.model.identity[:12],
                 device,
                 time.perf_counter() - t,
+                warm_s,
+                pipe.fast_path.compile,
+                max_batch,
             )
         return self.model
 
@@ -199,7 +212,7 @@ class SynthesisWorker:
             num_inference_steps=engine.steps,
             guidance_scale=engine.guidance_scale,
             generator=engine.seed,
-            max_batch=engine.max_batch,
+            max_batch=model.max_batch,
         )
         synthesis_s = time.perf_counter() - t1
         images, result_views = result.images, list(result.views)

@@ -160,6 +160,11 @@ BAD = [
     ('[engine]\ndtype = "int8"\n', r"engine\.dtype: must be one of"),
     ("[engine]\nguidance_scale = 0.5\n", r"engine\.guidance_scale: must be >= 1\.0, got 0\.5"),
     ("[engine]\nsteps = 0\n", r"engine\.steps: must be >= 1, got 0"),
+    ('[engine]\nmax_batch = "many"\n', r'engine\.max_batch: must be an integer >= 1 or "auto", got \'many\''),
+    ("[engine]\nmax_batch = 0\n", r"engine\.max_batch: must be >= 1, got 0"),
+    ("[engine]\nmax_batch = true\n", r"engine\.max_batch: must be an integer >= 1 or \"auto\""),
+    ('[engine]\ncompile = "yes"\n', r"engine\.compile: must be one of \('auto', 'on', 'off'\)"),
+    ("[engine]\ncuda_graphs = 1\n", r"engine\.cuda_graphs: must be true or false"),
     (
         "[scheduler]\nbackoff_initial_s = 60\nbackoff_max_s = 30\n",
         r"scheduler\.backoff_max_s: must be >= 60\.0",
@@ -394,3 +399,15 @@ def test_main_runs_config_check(
     bad = write(tmp_path, MINIMAL.replace('storage_dir = "data"', "port = 70000"))
     assert cli.main(["config", "check", "--config", str(bad)]) == ExitCode.CONFIG
     assert "node.port: must be 1..65535, got 70000" in capsys.readouterr().err
+
+
+def test_engine_fast_path_keys(tmp_path: Path) -> None:
+    """``max_batch`` takes an integer or "auto" (file and environment); the fast path switches."""
+    shipped = load_settings(SHIPPED, env={}).engine
+    assert (shipped.compile, shipped.cuda_graphs, shipped.pad_batches, shipped.warm_up) == ("auto", True, True, True)
+    path = write(tmp_path, MINIMAL + '\n[engine]\nmax_batch = "auto"\ncompile = "off"\nwarm_up = false\n')
+    s = load_settings(path, env={})
+    assert s.engine.max_batch == "auto" and s.engine.compile == "off" and s.engine.warm_up is False
+    s = load_settings(path, env={"DICOMNODE_ENGINE__MAX_BATCH": "16", "DICOMNODE_ENGINE__PAD_BATCHES": "false"})
+    assert s.engine.max_batch == 16 and s.engine.pad_batches is False
+    assert load_settings(SHIPPED, env={"DICOMNODE_ENGINE__MAX_BATCH": "auto"}).engine.max_batch == "auto"

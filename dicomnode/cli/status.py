@@ -1,8 +1,11 @@
-"""``dicomnode status``: is the node answering, is there a model, what is queued and what failed."""
+"""``dicomnode status``: is the node answering, is there a model, what is queued and what failed,
+and how long synthesis takes per view on each device that made the recent outputs."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -10,6 +13,8 @@ from dicomnode.cli.common import open_sessions, settings_from
 from dicomnode.cli.config import add_config_argument
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.config import PeerSettings, Settings
+
+RECENT_OUTPUTS = 200  # per-view synthesis times are medians over at most this many newest outputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         ).first()
         if last_refused is not None:
             session.expunge(last_refused)
+        speeds = synthesis_speeds(session)
     print(f"stored   {received} received, {derived} derived (synthetic) instances")
     print("jobs     " + (", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"))
     print("delivery " + (", ".join(f"{k} {v}" for k, v in sorted(deliveries.items())) or "none"))
@@ -76,4 +82,32 @@ def run(args: argparse.Namespace) -> int:
         score = "" if last_refused.consistency_score is None else f" (score {last_refused.consistency_score:.2f})"
         reason = (last_refused.last_error or "").splitlines()[0][:160] if last_refused.last_error else ""
         print(f"gate     last refused: job {last_refused.id}{score}: {reason}")
+    if not speeds:
+        print("speed    no synthesised views yet")
+    for i, (device, dtype, median_s, count) in enumerate(speeds):
+        where = "current device" if i == 0 else "earlier"
+        print(
+            f"{'speed' if i == 0 else '':<8} {median_s:.3f} s per view on {device} {dtype} "
+            f"({where}; median of the last {count} views)"
+        )
     return ExitCode.OK
+
+
+def synthesis_speeds(session: Any, limit: int = RECENT_OUTPUTS) -> list[tuple[str, str, float, int]]:
+    """``(device, dtype, median seconds per view, views)`` over the newest outputs, newest device first.
+
+    Each output row records its share of its job's synthesis time (``Output.synthesis_s``), so the
+    median is the per-view time a job of that device actually saw, warm-up and batching included.
+    """
+    from storage.models import Output
+
+    rows = session.execute(
+        select(Output.device, Output.dtype, Output.synthesis_s)
+        .where(Output.synthesis_s.is_not(None))
+        .order_by(Output.id.desc())
+        .limit(limit)
+    ).all()
+    groups: dict[tuple[str, str], list[float]] = {}
+    for device, dtype, seconds in rows:  # newest first: dict order puts the current device first
+        groups.setdefault((device or "unknown device", dtype or ""), []).append(float(seconds))
+    return [(device, dtype, statistics.median(v), len(v)) for (device, dtype), v in groups.items()]
