@@ -40,7 +40,9 @@ def test_worker_warms_up_at_load_and_runs_jobs_padded(
     rows: list[int] = []
     model.pipe.transformer.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     assert worker.run_once() is True
-    assert rows and set(rows) == {6}  # the 3 views and their CFG pairs in one batch
+    # First the consistency gate's denoising score (one call, 3 noise levels), then the 3 views and
+    # their CFG pairs in one batch.
+    assert rows[0] == 3 and rows[1:] and set(rows[1:]) == {6}
     with worker.sessions() as session:
         assert session.query(Job).one().state == "done"
         outputs = session.query(Output).all()
