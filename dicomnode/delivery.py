@@ -5,22 +5,26 @@ of success or warning (PS3.4 B.2.3: 0x0000, 0xB000, 0xB006, 0xB007) counts as de
 else, or no association at all, is a failed attempt retried with exponential backoff until
 ``delivery_max_attempts``, after which the delivery is ``failed`` until `dicomnode deliveries
 --resend`.
+
+Deliveries are claimed with a lease before any association opens (:mod:`storage.queue`), so two
+nodes sharing one database never send the same instance; outcomes are written fenced by that
+lease, and a sender whose lease was taken over logs it and records nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import timedelta
+from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
 from dicomnode.errors import DeliveryError
 from dicomnode.scu import send
-from dicomnode.worker import backoff_s
-from storage.deliveries import due_deliveries, mark_failed, mark_sent
+from storage.deliveries import claim_deliveries, mark_failed, mark_sent
 from storage.models import Instance
+from storage.queue import Lease, LeaseLost, RetryPolicy
 from storage.store import InstanceStore
 
 logger = logging.getLogger(__name__)
@@ -28,15 +32,28 @@ logger = logging.getLogger(__name__)
 ACCEPTED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 
 
-def deliver_due(settings: Settings, sessions: sessionmaker[Session], store: InstanceStore) -> int:
-    """Attempt every due delivery once; returns how many were sent."""
+def delivery_policy(settings: Settings) -> RetryPolicy:
+    """The retry policy of deliveries, from ``[scheduler]``."""
+    s = settings.scheduler
+    return RetryPolicy(s.delivery_max_attempts, s.backoff_initial_s, s.backoff_max_s, s.backoff_jitter)
+
+
+def deliver_due(
+    settings: Settings, sessions: sessionmaker[Session], store: InstanceStore, sender_id: str | None = None
+) -> int:
+    """Claim the due deliveries (with a lease), attempt each once; returns how many were sent."""
+    sender_id = sender_id or f"{settings.node.ae_title.strip()}/delivery"
+    # The lease outlives the longest the sends can take, so a live sender is never reclaimed.
+    lease_s = max(settings.scheduler.lease_s, 3 * settings.node.network_timeout_s)
+    claimed = claim_deliveries(sessions, sender_id, limit=100, lease_s=lease_s)
+    if not claimed:
+        return 0
+    groups: dict[tuple[str, str], list[tuple[Lease, int, str, str]]] = defaultdict(list)
     with sessions() as session:
-        due = [(d.id, d.peer_name, d.attempts, d.output_instance_id) for d in due_deliveries(session)]
-        groups: dict[tuple[str, str], list[tuple[int, int, str, str]]] = defaultdict(list)
-        for delivery_id, peer_name, attempts, instance_id in due:
-            instance = session.get_one(Instance, instance_id)
-            key = (peer_name, instance.series_instance_uid)
-            groups[key].append((delivery_id, attempts, instance.path, instance.sop_instance_uid))
+        for delivery, lease in claimed:
+            instance = session.get_one(Instance, delivery.output_instance_id)
+            key = (delivery.peer_name, instance.series_instance_uid)
+            groups[key].append((lease, delivery.attempts, instance.path, instance.sop_instance_uid))
     sent = 0
     for (peer_name, series_uid), items in groups.items():
         sent += _deliver_series(settings, sessions, store, peer_name, series_uid, items)
@@ -49,9 +66,10 @@ def _deliver_series(
     store: InstanceStore,
     peer_name: str,
     series_uid: str,
-    items: list[tuple[int, int, str, str]],
+    items: list[tuple[Lease, int, str, str]],
 ) -> int:
     s = settings.scheduler
+    policy = delivery_policy(settings)
     try:
         peer = settings.peer(peer_name)
         paths = [store.absolute(path) for _, _, path, _ in items]
@@ -59,30 +77,44 @@ def _deliver_series(
     except Exception as e:  # the whole series failed: no association, unknown peer, unreadable file
         error = str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
         logger.warning("series %s to %s: %s", series_uid, peer_name, error)
-        with sessions.begin() as session:
-            for delivery_id, attempts, _, _ in items:
-                delay = timedelta(seconds=backoff_s(attempts + 1, s.backoff_initial_s, s.backoff_max_s))
-                mark_failed(session, delivery_id, error[:2000], delay, s.delivery_max_attempts)
+        for lease, attempts, _, _ in items:
+            _record(sessions, lease, lambda session, lease=lease, attempts=attempts: mark_failed(
+                session, lease.id, error[:2000], policy.backoff(attempts + 1), s.delivery_max_attempts, lease=lease
+            ))
         return 0
     by_uid = {r.sop_instance_uid: r for r in results}
     sent = 0
-    with sessions.begin() as session:
-        for delivery_id, attempts, _, sop_uid in items:
-            result = by_uid.get(sop_uid)
-            if result is not None and result.status in ACCEPTED_STATUSES:
-                mark_sent(session, delivery_id, int(result.status))
+    for lease, attempts, _, sop_uid in items:
+        result = by_uid.get(sop_uid)
+        if result is not None and result.status in ACCEPTED_STATUSES:
+            status = int(result.status)
+            if _record(sessions, lease, lambda session, lease=lease, status=status: mark_sent(
+                session, lease.id, status, lease=lease
+            )):
                 sent += 1
-                continue
-            error = (result.error if result else None) or f"status 0x{(result.status if result else 0) or 0:04X}"
-            delay = timedelta(seconds=backoff_s(attempts + 1, s.backoff_initial_s, s.backoff_max_s))
-            mark_failed(
-                session,
-                delivery_id,
-                error[:2000],
-                delay,
-                s.delivery_max_attempts,
-                status_code=result.status if result else None,
-            )
+            continue
+        error = (result.error if result else None) or f"status 0x{(result.status if result else 0) or 0:04X}"
+        code = result.status if result else None
+        _record(sessions, lease, lambda session, lease=lease, attempts=attempts, error=error, code=code: mark_failed(
+            session,
+            lease.id,
+            error[:2000],
+            policy.backoff(attempts + 1),
+            s.delivery_max_attempts,
+            status_code=code,
+            lease=lease,
+        ))
     logger.info("series %s to %s: %d of %d instances delivered", series_uid, peer_name, sent, len(items))
     return sent
 
+
+
+def _record(sessions: sessionmaker[Session], lease: Lease, write: Callable[[Session], object]) -> bool:
+    """Write one delivery's outcome in its own transaction, fenced by its lease; False if lost."""
+    try:
+        with sessions.begin() as session:
+            write(session)
+    except LeaseLost as e:
+        logger.warning("delivery %d: outcome not recorded: %s", lease.id, e)
+        return False
+    return True

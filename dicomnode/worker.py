@@ -6,16 +6,21 @@ is loaded once, on the first job, and kept read-only. For each job, in one trans
 pixels are made: derived instances written to the store and recorded, one Output row per view, a
 pending Delivery per destination, the job marked done. Re-running a job after a crash produces the
 same UIDs (deterministic) and finds the instances already there, so nothing is duplicated.
+
+Claims are leased (:mod:`storage.queue`): a heartbeat thread renews the lease while the job runs,
+and the final transaction first fences on the lease, so a worker whose job was reclaimed or moved
+meanwhile writes nothing, logs it and takes the next job. A worker whose parent process died exits
+at once (no orphan keeps computing a job the restarted node already requeued).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,10 +32,12 @@ from dicomnode.errors import ModelLoadError, NodeError
 from dicomnode.rules import facts_from_dataset, loop_reason
 from storage.db import make_engine, session_factory
 from storage.deliveries import DeliveryTarget, create_deliveries
+from storage.heartbeats import beat, stopped
 from storage.instances import fields_from_dataset, find_instance, record_instance
-from storage.jobs import claim_next_job, complete_job, fail_job, get_job, wait_for_model
+from storage.jobs import claim_next_job, complete_job, fail_leased_job, get_job, lease_of, wait_for_model
 from storage.models import Instance, Job, utcnow
 from storage.outputs import record_output
+from storage.queue import JOBS, Lease, LeaseLost, RetryPolicy
 from storage.store import InstanceStore
 
 logger = logging.getLogger(__name__)
@@ -38,9 +45,23 @@ logger = logging.getLogger(__name__)
 SAMPLER = "DPMSolverMultistep dpmsolver++ order 2"
 
 
+PARENT_CHECK_S = 0.5
+
+
 def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
-    """Exponential backoff: initial, 2x, 4x ... capped (attempt counts from 1)."""
-    return float(min(max_s, initial_s * 2 ** max(0, attempt - 1)))
+    """Exponential backoff: initial, 2x, 4x ... capped (attempt counts from 1); no jitter."""
+    return RetryPolicy(1, initial_s, max_s).backoff_s(attempt)
+
+
+def job_policy(settings: Settings) -> RetryPolicy:
+    """The retry policy of synthesis jobs, from ``[scheduler]`` (a job's own max_attempts wins)."""
+    s = settings.scheduler
+    return RetryPolicy(s.max_attempts, s.backoff_initial_s, s.backoff_max_s, s.backoff_jitter)
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether a failed attempt is worth repeating; errors may say so with a ``retryable`` attribute."""
+    return bool(getattr(error, "retryable", True))
 
 
 @dataclass
@@ -66,39 +87,88 @@ class SynthesisWorker:
         self.store = InstanceStore(settings.node.storage_dir, settings.node.min_free_mb * 2**20)
         self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.node.effective_database_url))
         self.model: LoadedModel | None = None
+        self.lease: Lease | None = None
+        self._stopping = threading.Event()
 
     # ------------------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event | Any) -> None:
         logger.info("worker %s started (pid %d)", self.worker_id, os.getpid())
-        while not stop.is_set():
-            if not self.run_once():
-                stop.wait(self.settings.scheduler.poll_interval_s)
+        heart = threading.Thread(target=self._heartbeat_loop, args=(stop,), name="heartbeat", daemon=True)
+        self._beat(started=True)
+        heart.start()
+        try:
+            while not stop.is_set():
+                if not self.run_once():
+                    stop.wait(self.settings.scheduler.poll_interval_s)
+        finally:
+            self._stopping.set()
+            with self.sessions.begin() as session:
+                stopped(session, self.worker_id)
         logger.info("worker %s stopped", self.worker_id)
 
     def run_once(self) -> bool:
         """Claim and run one due job; False when there was none."""
-        job = claim_next_job(self.sessions, self.worker_id, utcnow())
+        job = claim_next_job(self.sessions, self.worker_id, utcnow(), lease_s=self.settings.scheduler.lease_s)
         if job is None:
             return False
+        self.lease = lease_of(job)
         log = logging.LoggerAdapter(logger, {"job": job.id})
-        if not self.settings.engine.model.is_dir():
-            with self.sessions.begin() as session:
-                wait_for_model(session, job.id, f"model folder {self.settings.engine.model} does not exist")
-            log.warning("job %d waits: model folder %s does not exist", job.id, self.settings.engine.model)
-            return True
         try:
-            self.process(job.id)
-        except Exception as e:  # the job wrapper is a boundary: every failure becomes a job state
-            log.exception("job %d failed (attempt %d)", job.id, job.attempts + 1)
-            self._fail(job, e)
+            self._beat()  # status shows the job in hand at once
+            if not self.settings.engine.model.is_dir():
+                with self.sessions.begin() as session:
+                    reason = f"model folder {self.settings.engine.model} does not exist"
+                    wait_for_model(session, job.id, reason, lease=self.lease)
+                log.warning("job %d waits: model folder %s does not exist", job.id, self.settings.engine.model)
+                return True
+            try:
+                self.process(job.id)
+            except LeaseLost:
+                raise
+            except Exception as e:  # the job wrapper is a boundary: every failure becomes a job state
+                log.exception("job %d failed (attempt %d)", job.id, job.attempts + 1)
+                self._fail(job, e)
+        except LeaseLost as e:  # the job moved (reclaimed, requeued, retried): drop it, write nothing
+            log.warning("job %d dropped by %s: %s", job.id, self.worker_id, e)
+        finally:
+            self.lease = None
         return True
 
     def _fail(self, job: Job, error: Exception) -> None:
-        s = self.settings.scheduler
-        delay = backoff_s(job.attempts + 1, s.backoff_initial_s, s.backoff_max_s)
         message = f"{type(error).__name__}: {error}"[:2000]
+        assert self.lease is not None
         with self.sessions.begin() as session:
-            fail_job(session, job.id, message, timedelta(seconds=delay))
+            fail_leased_job(session, self.lease, message, job_policy(self.settings), retryable=is_retryable(error))
+
+    def _fence(self, session: Session) -> None:
+        """Inside the final transaction, before any output is written: is the job still ours?"""
+        if self.lease is not None:
+            JOBS.fence(session, self.lease)
+
+    def _beat(self, started: bool = False) -> None:
+        lease = self.lease
+        with self.sessions.begin() as session:
+            beat(
+                session, self.worker_id, node=self.worker_id.rsplit("/", 1)[0], role="worker",
+                host=socket.gethostname(), pid=os.getpid(), job_id=lease.id if lease else None, started=started,
+            )
+
+    def _heartbeat_loop(self, stop: threading.Event | Any) -> None:
+        """Every lease_s / 3: renew the lease of the job in hand and say we are alive."""
+        interval = self.settings.scheduler.lease_s / 3
+        while not self._stopping.wait(interval):
+            lease = self.lease
+            try:
+                if lease is not None:
+                    with self.sessions.begin() as session:
+                        renewed = JOBS.heartbeat(session, lease, self.settings.scheduler.lease_s)
+                    if self.lease is lease:
+                        self.lease = renewed
+                self._beat()
+            except LeaseLost as e:
+                logger.warning("worker %s: %s (the job will be dropped)", self.worker_id, e)
+            except Exception:  # a missed heartbeat is retried next interval; the lease has slack
+                logger.exception("worker %s: heartbeat failed", self.worker_id)
 
     # --------------------------------------------------------------------------------- model
     def load_model(self) -> LoadedModel:
@@ -149,7 +219,7 @@ class SynthesisWorker:
         if reason:  # the SCP checks too; here also our exact Device UID is known
             logger.info("job %d: input not processed: %s", job_id, reason)
             with self.sessions.begin() as session:
-                complete_job(session, job_id)
+                complete_job(session, job_id, lease=self.lease)
             return
         engine = self.settings.engine
         prepared = prepare_radiograph(source, model.pipe.resolution)
@@ -195,6 +265,7 @@ class SynthesisWorker:
         targets = [self._target(name) for name in destinations]
         total_s = time.perf_counter() - t0
         with self.sessions.begin() as session:
+            self._fence(session)
             for ds, (azimuth, elevation) in zip(datasets, views, strict=True):
                 row = find_instance(session, ds.SOPInstanceUID)
                 if row is None:  # a retried job finds what its first attempt already stored
@@ -222,7 +293,7 @@ class SynthesisWorker:
                         total_s=total_s,
                     )
                 create_deliveries(session, row.id, targets)
-            complete_job(session, job_id)
+            complete_job(session, job_id, lease=self.lease)
         logger.info(
             "job %d done: %d views in %.2f s (synthesis %.2f s), series %s",
             job_id,
@@ -247,11 +318,39 @@ def worker_device(device: Any, gpu_index: int | None) -> Any:
     return device
 
 
-def worker_main(settings: Settings, worker_id: str, gpu_index: int | None, stop: Any, log_level: int) -> None:
-    """Entry point of a worker process (multiprocessing 'spawn')."""
+def worker_main(
+    settings: Settings,
+    worker_id: str,
+    gpu_index: int | None,
+    stop: Any,
+    log_level: int,
+    parent_pid: int | None = None,
+) -> None:
+    """Entry point of a worker process (multiprocessing 'spawn').
+
+    ``parent_pid`` is the node's main process: when it dies (``kill -9``, OOM killer) this worker
+    exits at once instead of running on unsupervised. Its job's lease then runs out, or the
+    restarted node requeues it; either way the fencing token keeps this worker from writing.
+    """
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s")
+    if parent_pid is not None:
+        watch = threading.Thread(target=exit_with_parent, args=(parent_pid, worker_id), daemon=True)
+        watch.start()
     try:
         SynthesisWorker(settings, worker_id, gpu_index).run(stop)
     except ModelLoadError:
         logger.exception("worker %s cannot load its model", worker_id)
         raise
+
+
+def exit_with_parent(parent_pid: int, worker_id: str, interval_s: float = PARENT_CHECK_S) -> None:
+    """Exit the process as soon as its parent is no longer ``parent_pid`` (the parent died)."""
+    while True:
+        if os.getppid() != parent_pid:
+            logger.error("worker %s: node process %d is gone; exiting (its job is reclaimed)", worker_id, parent_pid)
+            logging.shutdown()
+            os._exit(EXIT_PARENT_GONE)
+        time.sleep(interval_s)
+
+
+EXIT_PARENT_GONE = 75  # EX_TEMPFAIL: nothing wrong with the job, the node went away
