@@ -186,9 +186,9 @@ class InstanceStore:
                 if min_age_s and leftover.stat().st_mtime > cutoff:
                     continue
                 leftover.unlink()
+                removed += 1
             except FileNotFoundError:
                 continue  # another node removed or renamed it meanwhile
-                removed += 1
             except OSError as e:
                 raise StorageError(f"cannot remove partial file {leftover}: {e}") from e
         if removed:
