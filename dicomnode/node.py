@@ -88,11 +88,13 @@ class Node:
         self.store = store = InstanceStore(s.node.storage_dir, s.node.min_free_mb * 2**20)
         self._heartbeat(started=True)
         if self.edge:
-            discarded = store.discard_partial_files(min_age_s=0 if s.node.database_url == "" else PARTIAL_FILE_AGE_S)
+            # One node on its own SQLite file: nobody else writes to the store, so every partial or
+            # unrecorded file is a crash's. Otherwise other nodes may be mid-write: spare young files.
+            alone = s.node.database_url == "" and self.role == "all"
+            discarded = store.discard_partial_files(min_age_s=0 if alone else PARTIAL_FILE_AGE_S)
             if discarded:
                 logger.warning("discarded %d partial files left by an interrupted write", discarded)
-            # One node on SQLite: nobody else writes to the store, so every unrecorded file is a crash's.
-            self._quarantine(min_age_s=0 if s.node.database_url == "" else DEFAULT_MIN_AGE_S)
+            self._quarantine(min_age_s=0 if alone else DEFAULT_MIN_AGE_S)
         if self.synthesis:
             self.pool = WorkerPool(s, self.sessions, grace_s=self.worker_grace_s)
             requeued = self.pool.requeue_own_jobs()

@@ -72,7 +72,13 @@ def test_kill_9_of_the_node_takes_its_worker_down_and_the_job_runs_exactly_once(
     first_log = node.log()
     assert "is gone; exiting" in first_log, first_log
 
+    # A file renamed into the store just before a crash, with no row: quarantined at start-up.
+    lost = tmp_path / "var" / "2026" / "01" / "01" / "renamed-before-the-crash.dcm"
+    lost.parent.mkdir(parents=True, exist_ok=True)
+    lost.write_bytes(path.read_bytes())
     node = NodeProcess(config, port, tmp_path / "node2.log").start()
+    assert not lost.exists()
+    assert (tmp_path / "var" / "quarantine" / "2026" / "01" / "01" / "renamed-before-the-crash.dcm").is_file()
     try:
 
         def done() -> bool:
