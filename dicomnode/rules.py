@@ -137,6 +137,11 @@ def _matches(allowed: tuple[str, ...], value: str) -> bool:
     return any(item.strip().casefold() == wanted for item in allowed)
 
 
+# Rule priorities and the queue priority of their jobs: due "stat" jobs are claimed before due
+# "routine" ones, whatever their age.
+PRIORITIES: dict[str, int] = {"stat": 20, "urgent": 10, "routine": 0}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rule:
     """One ``[[rules]]`` entry: which instances to synthesise from, at which views, sent where.
@@ -158,6 +163,7 @@ class Rule:
     view_positions: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
     enabled: bool = True
+    priority: str = "routine"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or _CONTROL.search(self.name):
@@ -192,6 +198,13 @@ class Rule:
         object.__setattr__(self, "destinations", destinations)
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"{where}.enabled: must be true or false, got {self.enabled!r}")
+        if self.priority not in PRIORITIES:
+            raise ConfigError(f"{where}.priority: must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
+
+    @property
+    def queue_priority(self) -> int:
+        """The job queue's priority for this rule's jobs (higher is claimed first)."""
+        return PRIORITIES[self.priority]
 
     @property
     def views(self) -> tuple[tuple[float, float], ...]:

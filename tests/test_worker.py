@@ -144,3 +144,26 @@ def test_each_worker_of_several_takes_its_own_gpu() -> None:
     assert worker_device(torch.device("cuda"), None) == torch.device("cuda")  # a single worker
     assert worker_device(torch.device("cuda", 0), 1) == torch.device("cuda", 0)  # explicit cuda:0 kept
     assert worker_device(torch.device("cpu"), 1) == torch.device("cpu")
+
+
+def test_stat_rule_jobs_are_claimed_before_older_routine_ones(tmp_path: Path, tiny_pixel_model_dir: Path) -> None:
+    path = node_config(
+        tmp_path, port=11112, model=tiny_pixel_model_dir, pacs_port=None, settle_s=0, azimuths="[30]"
+    )
+    text = path.read_text()
+    stat_rule = text[text.index("[[rules]]") :].replace('name = "chest"', 'name = "chest-stat"')
+    path.write_text(text.replace('modalities = ["CR", "DX"]', 'modalities = ["CR"]', 1)
+                    + stat_rule.replace('modalities = ["CR", "DX"]', 'modalities = ["DX"]') + 'priority = "stat"\n')
+    settings = load_settings(path)
+    assert [r.queue_priority for r in settings.rules] == [0, 20]
+    routine = receive(settings, chest())
+    dx = chest()
+    dx.Modality = "DX"
+    stat = receive(settings, dx)
+    from storage.jobs import claim_next_job
+
+    worker = SynthesisWorker(settings, "test-worker")
+    first = claim_next_job(worker.sessions, "test-worker", utcnow() + timedelta(seconds=1))
+    assert first is not None and first.input_instance_id == stat and first.priority == 20
+    second = claim_next_job(worker.sessions, "test-worker", utcnow() + timedelta(seconds=1))
+    assert second is not None and second.input_instance_id == routine
