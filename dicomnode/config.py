@@ -286,11 +286,13 @@ class SchedulerSettings:
     delivery_max_attempts: int = 10
     lease_s: float = 60.0
     backoff_jitter: float = 0.1
+    max_jobs_per_batch: int = 1
 
     def __post_init__(self) -> None:
         _check_fields(self, "scheduler")
         _check_range("scheduler.lease_s", self.lease_s, 5.0)
         _check_range("scheduler.backoff_jitter", self.backoff_jitter, 0.0, 1.0)
+        _check_range("scheduler.max_jobs_per_batch", self.max_jobs_per_batch, 1)
         _check_range("scheduler.settle_s", self.settle_s, 0)
         _check_range("scheduler.max_attempts", self.max_attempts, 1)
         _check_positive("scheduler.backoff_initial_s", self.backoff_initial_s)

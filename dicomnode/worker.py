@@ -34,7 +34,7 @@ from storage.db import make_engine, session_factory
 from storage.deliveries import DeliveryTarget, create_deliveries
 from storage.heartbeats import beat, stopped
 from storage.instances import fields_from_dataset, find_instance, record_instance
-from storage.jobs import claim_next_job, complete_job, fail_leased_job, get_job, lease_of, wait_for_model
+from storage.jobs import claim_jobs, complete_job, fail_leased_job, get_job, lease_of, wait_for_model
 from storage.models import Instance, Job, utcnow
 from storage.outputs import record_output
 from storage.queue import JOBS, Lease, LeaseLost, RetryPolicy
@@ -87,7 +87,9 @@ class SynthesisWorker:
         self.store = InstanceStore(settings.node.storage_dir, settings.node.min_free_mb * 2**20)
         self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.node.effective_database_url))
         self.model: LoadedModel | None = None
-        self.lease: Lease | None = None
+        self.lease: Lease | None = None  # of the job being processed
+        self.leases: dict[int, Lease] = {}  # of every job claimed, renewed by the heartbeat
+        self._batched: dict[int, Any] = {}  # job id -> its views, denoised with other jobs'
         self._stopping = threading.Event()
 
     # ------------------------------------------------------------------------------ the loop
@@ -107,11 +109,23 @@ class SynthesisWorker:
         logger.info("worker %s stopped", self.worker_id)
 
     def run_once(self) -> bool:
-        """Claim and run one due job; False when there was none."""
-        job = claim_next_job(self.sessions, self.worker_id, utcnow(), lease_s=self.settings.scheduler.lease_s)
-        if job is None:
+        """Claim and run due jobs (up to ``max_jobs_per_batch``, denoised together); False when none."""
+        s = self.settings.scheduler
+        jobs = claim_jobs(self.sessions, self.worker_id, limit=s.max_jobs_per_batch, now=utcnow(), lease_s=s.lease_s)
+        if not jobs:
             return False
-        self.lease = lease_of(job)
+        self.leases = {job.id: lease_of(job) for job in jobs}
+        try:
+            if len(jobs) > 1 and self.settings.engine.model.is_dir():
+                self._batched = self._synthesize_together(jobs)
+            for job in jobs:
+                self._run_job(job)
+        finally:
+            self.leases, self._batched = {}, {}
+        return True
+
+    def _run_job(self, job: Job) -> None:
+        self.lease = self.leases.get(job.id)
         log = logging.LoggerAdapter(logger, {"job": job.id})
         try:
             self._beat()  # status shows the job in hand at once
@@ -120,7 +134,7 @@ class SynthesisWorker:
                     reason = f"model folder {self.settings.engine.model} does not exist"
                     wait_for_model(session, job.id, reason, lease=self.lease)
                 log.warning("job %d waits: model folder %s does not exist", job.id, self.settings.engine.model)
-                return True
+                return
             try:
                 self.process(job.id)
             except LeaseLost:
@@ -131,8 +145,70 @@ class SynthesisWorker:
         except LeaseLost as e:  # the job moved (reclaimed, requeued, retried): drop it, write nothing
             log.warning("job %d dropped by %s: %s", job.id, self.worker_id, e)
         finally:
+            self.leases.pop(job.id, None)
             self.lease = None
-        return True
+
+    def _synthesize(self, model: LoadedModel, requests: list[tuple[Any, list[float], list[float]]]) -> list[Any]:
+        """Denoise the views of one or more prepared inputs with the engine settings.
+
+        With ``max_jobs_per_batch`` > 1 every job goes through the fixed-size batches of
+        :mod:`synthesis.batching`, alone or not, so its pixels never depend on its company.
+        """
+        engine = self.settings.engine
+        if self.settings.scheduler.max_jobs_per_batch > 1:
+            from synthesis.batching import BatchRequest, synthesize_many
+
+            return synthesize_many(
+                model.pipe,
+                [BatchRequest(image, az, el, engine.seed) for image, az, el in requests],
+                num_inference_steps=engine.steps,
+                guidance_scale=engine.guidance_scale,
+                max_batch=engine.max_batch,
+            )
+        return [
+            model.pipe(
+                image,
+                azimuths=az,
+                elevations=el,
+                num_inference_steps=engine.steps,
+                guidance_scale=engine.guidance_scale,
+                generator=engine.seed,
+                max_batch=engine.max_batch,
+            )
+            for image, az, el in requests
+        ]
+
+    def _synthesize_together(self, jobs: list[Job]) -> dict[int, Any]:
+        """Denoise the claimed jobs' views in shared batches; each job then finishes on its own.
+
+        A job whose input cannot be prepared is left out (it fails on its own in ``process``); if the
+        shared run fails, every job runs alone, so one bad input cannot fail the others.
+        """
+        from synthesis.radiograph import prepare_radiograph
+
+        model = self.load_model()
+        ids, requests = [], []
+        for job in jobs:
+            try:
+                with self.sessions() as session:
+                    source_row = session.get_one(Instance, job.input_instance_id)
+                    path = source_row.path
+                prepared = prepare_radiograph(self.store.open_dataset(path), model.pipe.resolution)
+            except Exception as e:  # noqa: BLE001 - reported when the job runs alone
+                logger.info("job %d left out of the shared batch: %s", job.id, e)
+                continue
+            ids.append(job.id)
+            requests.append((prepared.image, list(job.azimuths), list(job.elevations)))
+        if len(ids) < 2:
+            return {}
+        try:
+            t = time.perf_counter()
+            results = self._synthesize(model, requests)
+        except Exception:  # noqa: BLE001 - each job retries alone and fails on its own
+            logger.exception("shared batch of jobs %s failed; running them one by one", ids)
+            return {}
+        logger.info("jobs %s denoised together in %.2f s", ids, time.perf_counter() - t)
+        return dict(zip(ids, results, strict=True))
 
     def _fail(self, job: Job, error: Exception) -> None:
         message = f"{type(error).__name__}: {error}"[:2000]
@@ -157,17 +233,21 @@ class SynthesisWorker:
         """Every lease_s / 3: renew the lease of the job in hand and say we are alive."""
         interval = self.settings.scheduler.lease_s / 3
         while not self._stopping.wait(interval):
-            lease = self.lease
-            try:
-                if lease is not None:
+            for job_id, lease in list(self.leases.items()):
+                try:
                     with self.sessions.begin() as session:
                         renewed = JOBS.heartbeat(session, lease, self.settings.scheduler.lease_s)
+                    if self.leases.get(job_id) is lease:
+                        self.leases[job_id] = renewed
                     if self.lease is lease:
                         self.lease = renewed
+                except LeaseLost as e:
+                    logger.warning("worker %s: %s (the job will be dropped)", self.worker_id, e)
+                except Exception:  # a missed heartbeat is retried next interval; the lease has slack
+                    logger.exception("worker %s: heartbeat of job %d failed", self.worker_id, job_id)
+            try:
                 self._beat()
-            except LeaseLost as e:
-                logger.warning("worker %s: %s (the job will be dropped)", self.worker_id, e)
-            except Exception:  # a missed heartbeat is retried next interval; the lease has slack
+            except Exception:
                 logger.exception("worker %s: heartbeat failed", self.worker_id)
 
     # --------------------------------------------------------------------------------- model
@@ -224,15 +304,7 @@ class SynthesisWorker:
         engine = self.settings.engine
         prepared = prepare_radiograph(source, model.pipe.resolution)
         t1 = time.perf_counter()
-        result = model.pipe(
-            prepared.image,
-            azimuths=azimuths,
-            elevations=elevations,
-            num_inference_steps=engine.steps,
-            guidance_scale=engine.guidance_scale,
-            generator=engine.seed,
-            max_batch=engine.max_batch,
-        )
+        result = self._batched.pop(job_id, None) or self._synthesize(model, [(prepared.image, azimuths, elevations)])[0]
         synthesis_s = time.perf_counter() - t1
         restored = restore_views(result.images, prepared.placement)
         views = [(v.azimuth, v.elevation) for v in result.views]
