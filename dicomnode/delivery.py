@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -78,43 +78,40 @@ def _deliver_series(
         error = str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
         logger.warning("series %s to %s: %s", series_uid, peer_name, error)
         for lease, attempts, _, _ in items:
-            _record(sessions, lease, lambda session, lease=lease, attempts=attempts: mark_failed(
-                session, lease.id, error[:2000], policy.backoff(attempts + 1), s.delivery_max_attempts, lease=lease
-            ))
+            _record(sessions, lease, error, None, policy.backoff(attempts + 1), s.delivery_max_attempts)
         return 0
     by_uid = {r.sop_instance_uid: r for r in results}
     sent = 0
     for lease, attempts, _, sop_uid in items:
         result = by_uid.get(sop_uid)
         if result is not None and result.status in ACCEPTED_STATUSES:
-            status = int(result.status)
-            if _record(sessions, lease, lambda session, lease=lease, status=status: mark_sent(
-                session, lease.id, status, lease=lease
-            )):
-                sent += 1
+            sent += _record(sessions, lease, None, int(result.status))
             continue
         error = (result.error if result else None) or f"status 0x{(result.status if result else 0) or 0:04X}"
         code = result.status if result else None
-        _record(sessions, lease, lambda session, lease=lease, attempts=attempts, error=error, code=code: mark_failed(
-            session,
-            lease.id,
-            error[:2000],
-            policy.backoff(attempts + 1),
-            s.delivery_max_attempts,
-            status_code=code,
-            lease=lease,
-        ))
+        _record(sessions, lease, error, code, policy.backoff(attempts + 1), s.delivery_max_attempts)
     logger.info("series %s to %s: %d of %d instances delivered", series_uid, peer_name, sent, len(items))
     return sent
 
 
-
-def _record(sessions: sessionmaker[Session], lease: Lease, write: Callable[[Session], object]) -> bool:
-    """Write one delivery's outcome in its own transaction, fenced by its lease; False if lost."""
+def _record(
+    sessions: sessionmaker[Session],
+    lease: Lease,
+    error: str | None,
+    status: int | None,
+    backoff: timedelta = timedelta(0),
+    max_attempts: int = 1,
+) -> bool:
+    """Record one delivery's outcome (sent when ``error`` is None) in its own transaction, fenced by
+    its lease; False when the lease was lost (another node holds the delivery now)."""
     try:
         with sessions.begin() as session:
-            write(session)
+            if error is None:
+                assert status is not None
+                mark_sent(session, lease.id, status, lease=lease)
+            else:
+                mark_failed(session, lease.id, error[:2000], backoff, max_attempts, status_code=status, lease=lease)
     except LeaseLost as e:
         logger.warning("delivery %d: outcome not recorded: %s", lease.id, e)
         return False
-    return True
+    return error is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,12 @@ def synthesize_many(
             f"steps {num_inference_steps}, guidance {guidance_scale}, max_batch {max_batch}: must be >= 1"
         )
     t_start = time.perf_counter()
-    images, embeds, conds, views, seeds, rows = [], [], [], [], [], []
+    images: list[torch.Tensor] = []
+    embeds: list[torch.Tensor | None] = []
+    conds: list[torch.Tensor] = []
+    views: list[tuple[View, ...]] = []
+    seeds: list[tuple[int | None, ...]] = []
+    rows: list[_Row] = []
     for i, request in enumerate(requests):
         x = pipe._image_tensor(request.image)
         if images and x.shape != images[0].shape:
@@ -84,12 +90,13 @@ def synthesize_many(
         latents = pipe.prepare_latents([r.generator for r in chunk], height, width)
         pose = torch.tensor([r.view.pose() for r in chunk], dtype=torch.float32, device=latents.device)[:, None, :]
         if embeds[0] is not None:
-            pose = torch.cat([torch.cat([embeds[r.request] for r in chunk]), pose], dim=-1)
+            pose = torch.cat([torch.cat([_present(embeds[r.request]) for r in chunk]), pose], dim=-1)
         cond = torch.cat([conds[r.request] for r in chunk])
         pad = max_batch - len(chunk)
         if pad:  # same shapes for every chunk: see the module docstring
             latents, pose, cond = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (latents, pose, cond))
-        tokens = pipe.cc_projection(pose.to(pipe.cc_projection.dtype))
+        projection: Any = pipe.cc_projection  # type: ignore[attr-defined]  # registered module
+        tokens = projection(pose.to(projection.dtype))
         latents = pipe._denoise(latents, tokens, cond, num_inference_steps, guidance_scale, _NoProgress())
         decoded.append(pipe.decode_latents(latents)[: len(chunk)])
     images_out = torch.cat(decoded).cpu().numpy().astype(np.float32)
@@ -108,6 +115,11 @@ def synthesize_many(
         )
         offset += n
     return outputs
+
+
+def _present(embeds: torch.Tensor | None) -> torch.Tensor:
+    assert embeds is not None  # every request has them when the model has an image encoder
+    return embeds
 
 
 class _NoProgress:

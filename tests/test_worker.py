@@ -203,3 +203,28 @@ def test_jobs_denoised_together_give_the_same_pixels_as_alone(
         receive(alone, ds)
         assert single.run_once() is True and single.run_once() is False
     assert len(batched) == 6 and _derived_pixels(single) == batched, "bit-identical, alone or together"
+
+
+def test_a_worker_whose_job_moved_writes_nothing_and_does_not_crash(
+    tmp_path: Path, tiny_pixel_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from storage.jobs import claim_jobs, lease_of, requeue_running_jobs
+
+    settings = settings_for(tmp_path, tiny_pixel_model_dir)
+    receive(settings, chest())
+    worker = SynthesisWorker(settings, "slow-worker")
+    [job] = claim_jobs(worker.sessions, "slow-worker")
+    worker.leases = {job.id: lease_of(job)}
+    with worker.sessions.begin() as session:  # meanwhile the node restarted, or an operator moved it
+        assert requeue_running_jobs(session, claimed_by="slow-worker") == 1
+    files_before = sorted(p for p in settings.node.storage_dir.rglob("*.dcm"))
+    worker._run_job(job)  # synthesises, then finds at the fence that the job is no longer its own
+    assert "dropped by slow-worker" in caplog.text
+    with worker.sessions() as session:
+        row = session.get_one(Job, job.id)
+        assert row.state == "queued" and row.attempts == 0
+        assert session.query(Output).count() == 0 and session.query(Delivery).count() == 0
+    assert sorted(p for p in settings.node.storage_dir.rglob("*.dcm")) == files_before, "no output file written"
+    assert worker.run_once() is True  # the next claim is a fresh lease: the job now runs normally
+    with worker.sessions() as session:
+        assert session.get_one(Job, job.id).state == "done"
