@@ -242,7 +242,8 @@ class SynthesisWorker:
                     if self.lease is lease:
                         self.lease = renewed
                 except LeaseLost as e:
-                    logger.warning("worker %s: %s (the job will be dropped)", self.worker_id, e)
+                    if job_id in self.leases:  # not just finished by this worker meanwhile
+                        logger.warning("worker %s: %s (the job will be dropped)", self.worker_id, e)
                 except Exception:  # a missed heartbeat is retried next interval; the lease has slack
                     logger.exception("worker %s: heartbeat of job %d failed", self.worker_id, job_id)
             try:
