@@ -31,7 +31,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import PeerSettings, SchedulerSettings, SecuritySettings, Settings
 from dicomnode.errors import DeliveryError
 from dicomnode.scu import _associate
-from dicomnode.worker import backoff_s
 from storage.commitments import (
     Backoff,
     committing,
@@ -40,6 +39,7 @@ from storage.commitments import (
     fail_commitment,
     record_report,
 )
+from storage.queue import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ def parse_report(EventTypeID: int, info: Dataset) -> CommitmentReport:
 
 
 def backoff_policy(s: SchedulerSettings) -> Backoff:
-    """The delivery backoff, as a delay after ``n`` attempts made (see :func:`dicomnode.worker.backoff_s`)."""
-    return lambda n: timedelta(seconds=backoff_s(n, s.backoff_initial_s, s.backoff_max_s))
+    """The delivery backoff, as a delay after ``n`` attempts made (the deliveries' :class:`RetryPolicy`)."""
+    policy = RetryPolicy(s.delivery_max_attempts, s.backoff_initial_s, s.backoff_max_s, s.backoff_jitter)
+    return policy.backoff
 
 
 def send_action(

@@ -43,6 +43,7 @@ CONFIG_ENV = "DICOMNODE_CONFIG"
 ENV_PREFIX = "DICOMNODE_"
 DEFAULT_CONFIG = Path("config") / "dicomnode.toml"
 DUPLICATE_POLICIES = ("reject",)
+NODE_ROLES = ("all", "edge", "worker")  # see dicomnode.scheduler
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("auto", "on", "off")
@@ -170,9 +171,15 @@ class NodeSettings:
     request_timeout_s: float = 5.0
     max_associations_per_peer: int = 5
     maximum_pdu_bytes: int = 1048576
+    name: str = ""
+    role: str = "all"
 
     def __post_init__(self) -> None:
         _check_fields(self, "node")
+        if self.role not in NODE_ROLES:
+            raise ConfigError(f"node.role: must be one of {', '.join(NODE_ROLES)}, got {self.role!r}")
+        if len(self.name) > 64 or any(c.isspace() or c == "/" for c in self.name):
+            raise ConfigError(f"node.name: must be up to 64 characters without spaces or '/', got {self.name!r}")
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "node.ae_title"))
         _check_host("node.bind_address", self.bind_address)
         _check_range("node.port", self.port, 1, 65535)
@@ -190,6 +197,15 @@ class NodeSettings:
             backend = _database_backend("node.database_url", self.database_url)
             if backend not in ("sqlite", "postgresql"):
                 raise ConfigError(f"node.database_url: must be a sqlite:// or postgresql:// URL, got {backend}://...")
+
+    @property
+    def node_name(self) -> str:
+        """``name``, or ``<host name>-<AE title>`` when empty: unique per machine in a shared database."""
+        if self.name:
+            return self.name
+        import socket
+
+        return f"{socket.gethostname()}-{self.ae_title.strip()}"[:64]
 
     @property
     def effective_database_url(self) -> str:
@@ -386,9 +402,15 @@ class SchedulerSettings:
     workers: int = 1
     poll_interval_s: float = 1.0
     delivery_max_attempts: int = 10
+    lease_s: float = 60.0
+    backoff_jitter: float = 0.1
+    max_jobs_per_batch: int = 1
 
     def __post_init__(self) -> None:
         _check_fields(self, "scheduler")
+        _check_range("scheduler.lease_s", self.lease_s, 5.0)
+        _check_range("scheduler.backoff_jitter", self.backoff_jitter, 0.0, 1.0)
+        _check_range("scheduler.max_jobs_per_batch", self.max_jobs_per_batch, 1)
         _check_range("scheduler.settle_s", self.settle_s, 0)
         _check_range("scheduler.max_attempts", self.max_attempts, 1)
         _check_positive("scheduler.backoff_initial_s", self.backoff_initial_s)

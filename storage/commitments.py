@@ -59,6 +59,11 @@ def create_commitment(
                 sent_at=now,
                 last_error=None,
                 commitment_id=commitment.id,
+                # the sender's lease (storage.queue) ends here: committing is not a claimable state
+                claimed_by=None,
+                claimed_at=None,
+                lease_expires_at=None,
+                heartbeat_at=None,
             )
             .execution_options(synchronize_session=False)
         )

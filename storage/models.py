@@ -197,6 +197,11 @@ class Job(Base):
     # The consistency gate's score of the input (higher = better grounded) and its method.
     consistency_score: Mapped[float | None] = mapped_column(Float)
     consistency_method: Mapped[str | None] = mapped_column(String(32))
+    # The leased queue (storage/queue.py): priority, lease and fencing token.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
 
     input_instance: Mapped[Instance] = relationship(back_populates="jobs")
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
@@ -289,6 +294,13 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     commitment_id: Mapped[int | None] = mapped_column(ForeignKey("storage_commitments.id"), index=True)
     committed_at: Mapped[datetime | None]
+    # The leased queue (storage/queue.py): a pending delivery with a live lease is being sent.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None]
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
 
     output_instance: Mapped[Instance] = relationship()
 
@@ -325,3 +337,19 @@ class StorageCommitment(Base):
     @validates("state")
     def _validate_state(self, key: str, value: str) -> str:
         return _check_choice("storage commitment state", value, COMMITMENT_STATES)
+
+
+class QueueWorker(Base):
+    """A node process or synthesis worker and its last heartbeat, for ``dicomnode status``."""
+
+    __tablename__ = "queue_workers"
+
+    worker_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    node: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(HOST))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    stopped_at: Mapped[datetime | None]

@@ -1,10 +1,18 @@
-"""Several requests (inputs, each with its views) denoised together: one batch for several jobs.
+"""Denoising the views of several requests (jobs) together, each view's output unchanged by its company.
 
-A node that has claimed several jobs for the same model runs them as one stream of views: each
-input is conditioned once (CLIP embedding, VAE latent), then all views of all inputs are cut into
-chunks of ``max_batch`` (padded on the fast path, :func:`synthesis.fastpath.plan_chunks`), each row
-carrying its own input's condition. Rows never mix in the transformer or the VAE, so each view's
-pixels are those of a call of the pipeline with its input alone (tested within 1e-5 on the CPU).
+A worker that holds several jobs for the same model and sampling settings denoises all their views
+in shared batches (``max_batch`` rows, twice that with CFG), which keeps a GPU busy where one job's
+few views would not. The contract is that batching never changes an image:
+
+* every view's initial noise comes from its own generator, seeded from the job's seed and the
+  view's own angles (:func:`synthesis.views.view_seed`), never from its place in a batch;
+* every chunk is padded to exactly ``max_batch`` rows (the padding is computed and thrown away), so
+  each matrix product always has the same shape. The kernels' reduction order then does not depend
+  on how many views share the chunk, and a view's pixels are bit-identical whether its job ran
+  alone or with others, at any position (a CPU test checks equality, not closeness).
+
+Inputs of one call must share the model's resolution (:func:`synthesis.radiograph.prepare_radiograph`
+gives that).
 """
 
 from __future__ import annotations
@@ -12,80 +20,109 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from dicomnode.errors import SynthesisError
-from synthesis.fastpath import plan_chunks
 from synthesis.pipeline import SvdrrPipeline, SvdrrPipelineOutput
-from synthesis.views import make_views
+from synthesis.views import View, make_views
 
 
 @dataclass(frozen=True)
-class Request:
-    """One input radiograph ((H, W) in [0, 1]) and the views wanted of it, with its seed."""
+class BatchRequest:
+    """One job's request: a prepared (R, R) image in [0, 1], its views, and its seed."""
 
     image: np.ndarray | torch.Tensor
     azimuths: Sequence[float]
-    elevations: Sequence[float] | None = None
-    seed: int = 0
+    elevations: Sequence[float] | None
+    seed: int
+
+
+@dataclass
+class _Row:
+    request: int
+    view: View
+    generator: torch.Generator
 
 
 @torch.inference_mode()
-def synthesize_requests(
+def synthesize_many(
     pipe: SvdrrPipeline,
-    requests: Sequence[Request],
-    num_inference_steps: int = 20,
-    guidance_scale: float = 3.0,
-    max_batch: int = 8,
+    requests: Sequence[BatchRequest],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    max_batch: int,
 ) -> list[SvdrrPipelineOutput]:
-    """One output per request (numpy images, views, seeds; ``timings`` shared by all of them).
-
-    Every input must have the same size (one static shape per batch): the node's inputs are all
-    prepared at the model's resolution.
-    """
+    """One output per request, in order, from shared fixed-size batches (see the module docstring)."""
     if not requests:
         return []
     if num_inference_steps < 1 or guidance_scale < 1.0 or max_batch < 1:
         raise SynthesisError(
-            f"need steps >= 1, guidance_scale >= 1, max_batch >= 1; got {num_inference_steps}, "
-            f"{guidance_scale}, {max_batch}"
+            f"steps {num_inference_steps}, guidance {guidance_scale}, max_batch {max_batch}: must be >= 1"
         )
     t_start = time.perf_counter()
-    conditions = []
-    rows = []  # (request index, view, generator)
-    for r, request in enumerate(requests):
-        views = make_views(request.azimuths, request.elevations)
-        generators, seeds = pipe._generators(int(request.seed), views)
+    images: list[torch.Tensor] = []
+    embeds: list[torch.Tensor | None] = []
+    conds: list[torch.Tensor] = []
+    views: list[tuple[View, ...]] = []
+    seeds: list[tuple[int | None, ...]] = []
+    rows: list[_Row] = []
+    for i, request in enumerate(requests):
         x = pipe._image_tensor(request.image)
-        if conditions and x.shape != conditions[0][0].shape:
-            raise SynthesisError(
-                f"requests in one batch must share one image size: {tuple(x.shape[-2:])} vs "
-                f"{tuple(conditions[0][0].shape[-2:])}"
-            )
-        conditions.append((x, pipe.encode_image_embeds(x), pipe.encode_condition_latent(x), views, seeds))
-        rows += [(r, view, g) for view, g in zip(views, generators, strict=True)]
-    height, width = conditions[0][0].shape[-2:]
-    t_condition = time.perf_counter()
+        if images and x.shape != images[0].shape:
+            raise SynthesisError(f"request {i}: image {tuple(x.shape)} differs from {tuple(images[0].shape)}")
+        images.append(x)
+        embeds.append(pipe.encode_image_embeds(x))
+        conds.append(pipe.encode_condition_latent(x))
+        request_views = make_views(request.azimuths, request.elevations)
+        generators, request_seeds = pipe._generators(int(request.seed), request_views)
+        views.append(request_views)
+        seeds.append(request_seeds)
+        rows += [_Row(i, v, g) for v, g in zip(request_views, generators, strict=True)]
+    height, width = images[0].shape[-2:]
 
-    images = []
-    chunks = plan_chunks(len(rows), max_batch, pipe.fast_path.pad_batches)
-    with pipe.progress_bar(total=len(chunks) * num_inference_steps) as progress:
-        for chunk, size in chunks:
-            part = [rows[i] for i in chunk] + [rows[chunk[-1]]] * (size - len(chunk))  # pad: repeat the last
-            latents = pipe.prepare_latents([g for _, _, g in part[: len(chunk)]], height, width)
-            latents = torch.cat([latents, latents[-1:].expand(size - len(chunk), -1, -1, -1)])
-            tokens = torch.cat([pipe.encode_tokens([view], conditions[r][1]) for r, view, _ in part])
-            cond_latent = torch.cat([conditions[r][2] for r, _, _ in part])
-            latents = pipe._denoise(latents, tokens, cond_latent, num_inference_steps, guidance_scale, progress)
-            images.append(pipe.decode_latents(latents)[: len(chunk)])
-    pixels = torch.cat(images).cpu().numpy().astype(np.float32)
-    timings = {"condition_s": t_condition - t_start, "total_s": time.perf_counter() - t_start, "views": len(rows)}
-    outputs, start = [], 0
-    for _, _, _, views, seeds in conditions:
+    decoded: list[torch.Tensor] = []
+    for start in range(0, len(rows), max_batch):
+        chunk = rows[start : start + max_batch]
+        latents = pipe.prepare_latents([r.generator for r in chunk], height, width)
+        pose = torch.tensor([r.view.pose() for r in chunk], dtype=torch.float32, device=latents.device)[:, None, :]
+        if embeds[0] is not None:
+            pose = torch.cat([torch.cat([_present(embeds[r.request]) for r in chunk]), pose], dim=-1)
+        cond = torch.cat([conds[r.request] for r in chunk])
+        pad = max_batch - len(chunk)
+        if pad:  # same shapes for every chunk: see the module docstring
+            latents, pose, cond = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (latents, pose, cond))
+        projection: Any = pipe.cc_projection  # type: ignore[attr-defined]  # registered module
+        tokens = projection(pose.to(projection.dtype))
+        latents = pipe._denoise(latents, tokens, cond, num_inference_steps, guidance_scale, _NoProgress())
+        decoded.append(pipe.decode_latents(latents)[: len(chunk)])
+    images_out = torch.cat(decoded).cpu().numpy().astype(np.float32)
+
+    outputs, offset = [], 0
+    total_s = time.perf_counter() - t_start
+    for i in range(len(requests)):
+        n = len(views[i])
         outputs.append(
-            SvdrrPipelineOutput(images=pixels[start : start + len(views)], views=views, seeds=seeds, timings=timings)
+            SvdrrPipelineOutput(
+                images=images_out[offset : offset + n],
+                views=views[i],
+                seeds=seeds[i],
+                timings={"total_s": total_s, "batched_requests": float(len(requests))},
+            )
         )
-        start += len(views)
+        offset += n
     return outputs
+
+
+def _present(embeds: torch.Tensor | None) -> torch.Tensor:
+    assert embeds is not None  # every request has them when the model has an image encoder
+    return embeds
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+

@@ -70,7 +70,7 @@ def test_shipped_defaults() -> None:
     )
     assert s.engine.guidance_scale == 1.5  # shipped: tuned to the shipped demo model (built-in 3.0)
     assert s.engine.dtype_for("cuda") == "bfloat16" and s.engine.dtype_for("cpu") == "float32"
-    assert dataclasses.astuple(s.scheduler) == (5.0, 5, 10.0, 600.0, 1, 1.0, 10)
+    assert dataclasses.astuple(s.scheduler) == (5.0, 5, 10.0, 600.0, 1, 1.0, 10, 60.0, 0.1, 1)
     assert dataclasses.astuple(s.output)[:4] == (901, "OT", "SYNTHETIC", "dicomnode")
     assert s.loop_prevention.skip_derived == "secondary" and s.loop_prevention.skip_own_device
     (rule,) = s.rules

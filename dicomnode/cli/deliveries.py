@@ -16,15 +16,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peer", help="only this peer name")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--resend", type=int, metavar="ID", help="send delivery ID again")
+    p.add_argument("--resend-failed", action="store_true", help="send every failed delivery (of --peer) again")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dicomnode.errors import StorageError
-    from storage.deliveries import list_deliveries, resend
+    from storage.deliveries import list_deliveries, resend, resend_failed
     from storage.models import Instance
 
     sessions = open_sessions(settings_from(args))
+    if args.resend_failed:
+        with sessions.begin() as session:
+            ids = resend_failed(session, peer_name=args.peer)
+        where = f" to {args.peer}" if args.peer else ""
+        print(f"{len(ids)} failed deliveries{where} queued again" + (f": {', '.join(map(str, ids))}" if ids else ""))
+        return ExitCode.OK
     if args.resend is not None:
         try:
             with sessions.begin() as session:

@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="override node.port")
     p.add_argument("--bind-address", help="override node.bind_address")
     p.add_argument("--worker-grace", type=float, default=60.0, help="seconds a worker may finish its job at stop")
+    p.add_argument(
+        "--role",
+        choices=["all", "edge", "worker"],
+        help="override node.role: all = everything; edge = SCP, intake, delivery; worker = synthesis only",
+    )
     p.set_defaults(func=run)
 
 
@@ -30,7 +35,12 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from(
         args,
-        **{"node.ae_title": args.ae_title, "node.port": args.port, "node.bind_address": args.bind_address},
+        **{
+            "node.ae_title": args.ae_title,
+            "node.port": args.port,
+            "node.bind_address": args.bind_address,
+            "node.role": args.role,
+        },
     )
     if args.verbose == 0:
         logging.getLogger().setLevel(logging.INFO)  # a server says what it does by default

@@ -8,8 +8,9 @@ import statistics
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.cli.common import open_sessions, settings_from
+from dicomnode.cli.common import open_sessions, settings_from, when
 from dicomnode.cli.config import add_config_argument
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.config import PeerSettings, Settings
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
             f"{'speed' if i == 0 else '':<8} {median_s:.3f} s per view on {device} {dtype} "
             f"({where}; median of the last {count} views)"
         )
+    print_workers(sessions, settings)
+    print_quarantine(settings)
     return ExitCode.OK
 
 
@@ -111,3 +114,43 @@ def synthesis_speeds(session: Any, limit: int = RECENT_OUTPUTS) -> list[tuple[st
     for device, dtype, seconds in rows:  # newest first: dict order puts the current device first
         groups.setdefault((device or "unknown device", dtype or ""), []).append(float(seconds))
     return [(device, dtype, statistics.median(v), len(v)) for (device, dtype), v in groups.items()]
+
+
+def print_workers(sessions: sessionmaker[Session], settings: Settings) -> None:
+    """Every node and worker sharing the database, with the age of its last heartbeat."""
+    from storage.heartbeats import list_workers
+    from storage.models import utcnow
+
+    now = utcnow()
+    with sessions() as session:
+        rows = list_workers(session)
+    if not rows:
+        print("workers  none seen")
+        return
+    print("workers  (heartbeat every scheduler.lease_s / 3; a lease runs out after lease_s)")
+    for w in rows:
+        age = (now - w.heartbeat_at).total_seconds()
+        if w.stopped_at is not None:
+            state = f"stopped {when(w.stopped_at)}"
+        elif age > settings.scheduler.lease_s:
+            state = f"SILENT for {age:.0f} s"
+        else:
+            state = f"alive, last heartbeat {age:.0f} s ago"
+        job = f", job {w.job_id}" if w.job_id is not None and w.stopped_at is None else ""
+        print(f"         {w.worker_id:<40} {w.role:<6} {w.host}:{w.pid}  {state}{job}")
+
+
+def print_quarantine(settings: Settings) -> None:
+    """Store files that had no database row at start-up (moved aside, never deleted)."""
+    from storage.reconcile import quarantined_files
+    from storage.store import InstanceStore
+
+    files = quarantined_files(InstanceStore(settings.node.storage_dir, 0))
+    if not files:
+        print("quarantine none")
+        return
+    print(f"quarantine {len(files)} file(s) without a database row, under {settings.node.storage_dir}:")
+    for path in files[:20]:
+        print(f"         {path}")
+    if len(files) > 20:
+        print(f"         ... and {len(files) - 20} more")
