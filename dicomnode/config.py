@@ -26,10 +26,11 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, get_args, get_type_hints
+from urllib.parse import urlsplit
 
 from dicomnode.aetitle import validate_ae_title
 from dicomnode.errors import ConfigError
@@ -42,11 +43,25 @@ CONFIG_ENV = "DICOMNODE_CONFIG"
 ENV_PREFIX = "DICOMNODE_"
 DEFAULT_CONFIG = Path("config") / "dicomnode.toml"
 DUPLICATE_POLICIES = ("reject",)
+NODE_ROLES = ("all", "edge", "worker")  # see dicomnode.scheduler
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("auto", "on", "off")
 SERIES_NUMBERS = range(900, 1000)
 SKIP_DERIVED_VALUES: tuple[SkipDerived, ...] = get_args(SkipDerived)  # ("secondary", "all", "none")
 _PEER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+PEER_KINDS = ("dimse", "dicomweb")
+_DICOMWEB_KEYS = (
+    "url",
+    "username",
+    "password",
+    "password_env",
+    "bearer_token",
+    "token_env",
+    "tls_verify",
+    "tls_ca_file",
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NO_OVERRIDES: Mapping[str, object] = MappingProxyType({})
 
 
@@ -91,6 +106,10 @@ def _check_fields(obj: Any, section: str) -> None:
     for f in fields(obj):
         value = _coerce(f"{section}.{f.name}", getattr(obj, f.name), _hints(type(obj))[f.name])
         object.__setattr__(obj, f.name, value)
+
+
+def _field_default(cls: type, name: str) -> object:
+    return next(f.default for f in fields(cls) if f.name == name)
 
 
 def _check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
@@ -149,24 +168,44 @@ class NodeSettings:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    request_timeout_s: float = 5.0
+    max_associations_per_peer: int = 5
+    maximum_pdu_bytes: int = 1048576
+    name: str = ""
+    role: str = "all"
 
     def __post_init__(self) -> None:
         _check_fields(self, "node")
+        if self.role not in NODE_ROLES:
+            raise ConfigError(f"node.role: must be one of {', '.join(NODE_ROLES)}, got {self.role!r}")
+        if len(self.name) > 64 or any(c.isspace() or c == "/" for c in self.name):
+            raise ConfigError(f"node.name: must be up to 64 characters without spaces or '/', got {self.name!r}")
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "node.ae_title"))
         _check_host("node.bind_address", self.bind_address)
         _check_range("node.port", self.port, 1, 65535)
         _check_range("node.min_free_mb", self.min_free_mb, 0)
         _check_range("node.max_associations", self.max_associations, 1)
+        _check_range("node.max_associations_per_peer", self.max_associations_per_peer, 0)
+        _check_range("node.maximum_pdu_bytes", self.maximum_pdu_bytes, 4096, 2**32 - 1)
         if self.duplicate_policy not in DUPLICATE_POLICIES:
             raise ConfigError(
                 f"node.duplicate_policy: must be one of {DUPLICATE_POLICIES}, got {self.duplicate_policy!r}"
             )
-        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "request_timeout_s"):
             _check_positive(f"node.{key}", getattr(self, key))
         if self.database_url:
             backend = _database_backend("node.database_url", self.database_url)
             if backend not in ("sqlite", "postgresql"):
                 raise ConfigError(f"node.database_url: must be a sqlite:// or postgresql:// URL, got {backend}://...")
+
+    @property
+    def node_name(self) -> str:
+        """``name``, or ``<host name>-<AE title>`` when empty: unique per machine in a shared database."""
+        if self.name:
+            return self.name
+        import socket
+
+        return f"{socket.gethostname()}-{self.ae_title.strip()}"[:64]
 
     @property
     def effective_database_url(self) -> str:
@@ -207,22 +246,101 @@ class SecuritySettings:
 
 @dataclass(frozen=True, kw_only=True)
 class PeerSettings:
-    """One ``[[peers]]`` entry: a DICOM node we send derived series to."""
+    """One ``[[peers]]`` entry: a DICOM node we send derived series to.
+
+    ``kind = "dimse"`` (default) sends by C-STORE to ``ae_title@host:port`` and may ask for Storage
+    Commitment (PS3.4 J); ``kind = "dicomweb"`` sends by STOW-RS (PS3.18 10.5) to ``url``, its host
+    and port then derived from the URL. Secrets (``password``, ``bearer_token``) never appear in a
+    repr or a log; ``password_env``/``token_env`` name an environment variable read at send time
+    instead, so the file need not hold them (see :meth:`credentials`).
+    """
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    kind: str = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     tls: bool = False
+    storage_commitment: bool = False
+    commitment_timeout_s: float = 300.0
+    url: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_env: str = ""
+    bearer_token: str = field(default="", repr=False)
+    token_env: str = ""
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         where = f"peers[{self.name}]" if isinstance(self.name, str) and self.name else f"peers[{self.name!r}]"
         _check_fields(self, where)
         if not _PEER_NAME.fullmatch(self.name):
             raise ConfigError(f"{where}.name: must be letters, digits, '_' or '-', got {self.name!r}")
+        if self.kind not in PEER_KINDS:
+            raise ConfigError(f"{where}.kind: must be one of {', '.join(map(repr, PEER_KINDS))}, got {self.kind!r}")
+        if self.kind == "dicomweb":
+            self._check_dicomweb(where)
+            return
+        given = [k for k in _DICOMWEB_KEYS if getattr(self, k) != _field_default(PeerSettings, k)]
+        if given:
+            raise ConfigError(f"{where}.{given[0]}: only for kind = \"dicomweb\" peers")
+        for key in ("ae_title", "port"):
+            if not getattr(self, key):
+                raise ConfigError(f"{where}.{key}: required")
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, f"{where}.ae_title"))
         _check_host(f"{where}.host", self.host)
         _check_range(f"{where}.port", self.port, 1, 65535)
+        _check_positive(f"{where}.commitment_timeout_s", self.commitment_timeout_s)
+
+    def _check_dicomweb(self, where: str) -> None:
+        for key in ("ae_title", "host", "port", "tls", "storage_commitment"):
+            if getattr(self, key) != _field_default(PeerSettings, key):
+                raise ConfigError(f"{where}.{key}: not for kind = \"dicomweb\" peers (the url says where)")
+        url = urlsplit(self.url)
+        if url.username is not None or url.password is not None:
+            raise ConfigError(f"{where}.url: put credentials in username/password keys, not in the URL")
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise ConfigError(
+                f"{where}.url: must be the STOW-RS base URL, http(s)://host[:port]/path, got {self.url!r}"
+            )
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError as e:
+            raise ConfigError(f"{where}.url: {e}, got {self.url!r}") from e
+        object.__setattr__(self, "host", url.hostname)
+        object.__setattr__(self, "port", port)
+        basic = bool(self.username or self.password or self.password_env)
+        bearer = bool(self.bearer_token or self.token_env)
+        if basic and bearer:
+            raise ConfigError(f"{where}: give username/password (basic) or a bearer token, not both")
+        if basic and not self.username:
+            raise ConfigError(f"{where}.username: required with a password")
+        if basic and bool(self.password) == bool(self.password_env):
+            raise ConfigError(f"{where}.password: give exactly one of password and password_env")
+        if self.bearer_token and self.token_env:
+            raise ConfigError(f"{where}.bearer_token: give exactly one of bearer_token and token_env")
+        for key in ("password_env", "token_env"):
+            value = getattr(self, key)
+            if value and not _ENV_NAME.fullmatch(value):
+                raise ConfigError(f"{where}.{key}: must name an environment variable, got {value!r}")
+        if self.tls_ca_file is not None and not self.tls_ca_file.is_file():
+            raise ConfigError(f"{where}.tls_ca_file: file not found: {self.tls_ca_file}")
+
+    def credentials(self, env: Mapping[str, str] = os.environ) -> tuple[str, str] | str | None:
+        """HTTP credentials of a DICOMweb peer: ``(username, password)`` for basic, a bearer token
+        string, or None. ``*_env`` variables are read now; a missing one is a :class:`ConfigError`."""
+        if self.username:
+            password = self.password or env.get(self.password_env)
+            if password is None:
+                raise ConfigError(f"peers[{self.name}].password_env: ${self.password_env} is not set")
+            return (self.username, password)
+        if self.bearer_token or self.token_env:
+            token = self.bearer_token or env.get(self.token_env)
+            if not token:
+                raise ConfigError(f"peers[{self.name}].token_env: ${self.token_env} is not set")
+            return token
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,10 +352,14 @@ class EngineSettings:
     dtype: str = "auto"
     steps: int = 20
     guidance_scale: float = 3.0
-    max_batch: int = 8
+    max_batch: int | str = 8  # views per chunk, or "auto": from free GPU memory (synthesis.fastpath)
     seed: int = 0
     # The consistency gate's threshold, overriding the model's (dicomnode-model.json); None: the model's.
     consistency_threshold: float | None = None
+    compile: str = "auto"  # torch.compile transformer + VAE decoder: auto (CUDA only), on, off
+    cuda_graphs: bool = True  # CUDA graphs for the compiled transformer
+    pad_batches: bool = True  # when compiling: pad short chunks to static shapes (no recompiles)
+    warm_up: bool = True  # compile and run every chunk shape once when the worker loads the model
 
     def __post_init__(self) -> None:
         _check_fields(self, "engine")
@@ -248,13 +370,18 @@ class EngineSettings:
             if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
                 raise ConfigError(f"engine.consistency_threshold: must be a number, got {threshold!r}")
             object.__setattr__(self, "consistency_threshold", float(threshold))
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"engine.compile: must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.max_batch != "auto" and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)):
+            raise ConfigError(f'engine.max_batch: must be an integer >= 1 or "auto", got {self.max_batch!r}')
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"engine.device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"engine.dtype: must be one of {DTYPES}, got {self.dtype!r}")
         _check_range("engine.steps", self.steps, 1)
         _check_range("engine.guidance_scale", self.guidance_scale, 1.0)
-        _check_range("engine.max_batch", self.max_batch, 1)
+        if self.max_batch != "auto":
+            _check_range("engine.max_batch", self.max_batch, 1)
         _check_range("engine.seed", self.seed, 0, 2**63 - 1)
 
     def dtype_for(self, device_type: str) -> str:
@@ -275,9 +402,15 @@ class SchedulerSettings:
     workers: int = 1
     poll_interval_s: float = 1.0
     delivery_max_attempts: int = 10
+    lease_s: float = 60.0
+    backoff_jitter: float = 0.1
+    max_jobs_per_batch: int = 1
 
     def __post_init__(self) -> None:
         _check_fields(self, "scheduler")
+        _check_range("scheduler.lease_s", self.lease_s, 5.0)
+        _check_range("scheduler.backoff_jitter", self.backoff_jitter, 0.0, 1.0)
+        _check_range("scheduler.max_jobs_per_batch", self.max_jobs_per_batch, 1)
         _check_range("scheduler.settle_s", self.settle_s, 0)
         _check_range("scheduler.max_attempts", self.max_attempts, 1)
         _check_positive("scheduler.backoff_initial_s", self.backoff_initial_s)
@@ -506,7 +639,12 @@ def _read_file(path: Path) -> dict[str, Any]:
         if section in _LISTS:
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise ConfigError(f"{section}: must be an array of tables, written [[{section}]]")
-            data[section] = [dict(item) for item in value]
+            hints = _hints(_LISTS[section])
+            resolve = [k for k, hint in hints.items() if _is_path(hint)]  # e.g. peers' tls_ca_file
+            data[section] = [
+                {k: _resolve(f"{section}.{k}", v, path.parent) if k in resolve else v for k, v in item.items()}
+                for item in value
+            ]
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{section}: must be a table, written [{section}]")

@@ -71,6 +71,11 @@ class DeliveryError(NodeError):
     """A derived instance could not be delivered to a peer."""
 
 
+class DeliveryRefused(DeliveryError):
+    """The peer refused the whole request for a reason retrying will not change (bad credentials,
+    an HTTP 4xx other than 408/429): the delivery fails at once, until an operator resends it."""
+
+
 class RecallError(NodeError):
     """A recall cannot be made as asked: nothing matches, or an output cannot be read."""
 

@@ -70,6 +70,7 @@ class Intake:
                 max_attempts=self.settings.scheduler.max_attempts,
                 not_before=not_before,
                 now=now,
+                priority=rule.queue_priority,
             )
             jobs.append(job)
             logger.info("instance %d matched rule %r: job %d queued", instance.id, rule.name, job.id)

@@ -1,36 +1,47 @@
 """The running node: storage, the SCP, the synthesis workers and the scheduler, started and stopped
 in the order that loses nothing.
 
-Start: migrate the database, discard partial files a crash left, requeue the jobs this node's
-workers held when it died (deliveries still pending are simply due again), start the workers, then
-accept associations. Stop (SIGTERM/SIGINT): stop accepting associations and let running ones finish,
-stop the scheduler, let each worker finish its job in hand (or terminate it after a grace period and
-requeue the job), exit 0.
+A node has a role (``node.role`` or ``serve --role``): ``all`` runs everything on one box; an
+``edge`` runs the SCP, intake and delivery and needs no torch; a ``worker`` runs synthesis only,
+opens no DICOM port and claims jobs from the shared database. :mod:`dicomnode.scheduler` lists
+every timer each role runs.
+
+Start: migrate the database, discard partial files a crash left, quarantine store files without a
+row (edge), requeue the jobs this node's workers held when it died (worker; other nodes' jobs come
+back when their leases expire), start the workers, then accept associations. Stop (SIGTERM/SIGINT):
+stop accepting associations and let running ones finish, stop the scheduler, let each worker finish
+its job in hand (or terminate it after a grace period and requeue the job), exit 0.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 from types import FrameType
 from typing import Any
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.delivery import deliver_due
-from dicomnode.intake import Intake
-from dicomnode.scp import StorageSCP
+from dicomnode.delivery import deliver_due, delivery_policy
+from dicomnode.scheduler import CLEANUP_INTERVAL_S, Scheduler, Timer
+from dicomnode.worker import job_policy
 from dicomnode.workers import WorkerPool
 from storage.db import make_engine, session_factory, upgrade
-from storage.jobs import release_waiting_jobs
+from storage.deliveries import reclaim_expired_deliveries
+from storage.heartbeats import beat, stopped
+from storage.jobs import reclaim_expired_jobs, release_waiting_jobs
 from storage.models import JOB_STATES, Job
+from storage.reconcile import DEFAULT_MIN_AGE_S, quarantine_unrecorded
 from storage.store import InstanceStore
 
 logger = logging.getLogger(__name__)
+
+PARTIAL_FILE_AGE_S = 3600.0
 
 
 def model_problem(settings: Settings) -> str | None:
@@ -44,16 +55,30 @@ def model_problem(settings: Settings) -> str | None:
 
 
 class Node:
-    def __init__(self, settings: Settings, worker_grace_s: float = 60.0):
+    def __init__(self, settings: Settings, worker_grace_s: float = 60.0, role: str | None = None):
         self.settings = settings
         self.worker_grace_s = worker_grace_s
+        self.role = role or settings.node.role
         self.stopping = threading.Event()
         self.sessions: sessionmaker[Session] | None = None
-        self.scp: StorageSCP | None = None
+        self.store: InstanceStore | None = None
+        self.scp: Any = None
         self.pool: WorkerPool | None = None
-        self.scheduler: BackgroundScheduler | None = None
+        self.scheduler: Scheduler | None = None
         self._model_problem: str | None = None
         self.console: Any = None  # dicomnode.console.server.ConsoleServer when [http] is enabled
+
+    @property
+    def edge(self) -> bool:
+        return self.role in ("all", "edge")
+
+    @property
+    def synthesis(self) -> bool:
+        return self.role in ("all", "worker")
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.settings.node.node_name}/node"
 
     def start(self) -> None:
         s = self.settings
@@ -61,36 +86,56 @@ class Node:
         engine = make_engine(s.node.effective_database_url)
         upgrade(engine)
         self.sessions = session_factory(engine)
-        store = InstanceStore(s.node.storage_dir, s.node.min_free_mb * 2**20)
-        discarded = store.discard_partial_files()
-        if discarded:
-            logger.warning("discarded %d partial files left by an interrupted write", discarded)
-        self.pool = WorkerPool(s, self.sessions, grace_s=self.worker_grace_s)
-        requeued = self.pool.requeue_own_jobs()
-        if requeued:
-            logger.warning("%d jobs left running by a previous run were requeued", requeued)
-        self._check_model()
-        self.pool.start()
-        self.scheduler = BackgroundScheduler(timezone="UTC")
-        every = s.scheduler.poll_interval_s
-        common = {"max_instances": 1, "coalesce": True}
-        self.scheduler.add_job(self._deliver, "interval", seconds=every, id="deliver", args=(store,), **common)
-        self.scheduler.add_job(self._supervise, "interval", seconds=max(every, 1.0), id="supervise", **common)
+        self.store = store = InstanceStore(s.node.storage_dir, s.node.min_free_mb * 2**20)
+        self._heartbeat(started=True)
+        if self.edge:
+            # One node on its own SQLite file: nobody else writes to the store, so every partial or
+            # unrecorded file is a crash's. Otherwise other nodes may be mid-write: spare young files.
+            alone = s.node.database_url == "" and self.role == "all"
+            discarded = store.discard_partial_files(min_age_s=0 if alone else PARTIAL_FILE_AGE_S)
+            if discarded:
+                logger.warning("discarded %d partial files left by an interrupted write", discarded)
+            self._quarantine(min_age_s=0 if alone else DEFAULT_MIN_AGE_S)
+        if self.synthesis:
+            self.pool = WorkerPool(s, self.sessions, grace_s=self.worker_grace_s)
+            requeued = self.pool.requeue_own_jobs()
+            if requeued:
+                logger.warning("%d jobs left running by a previous run were requeued", requeued)
+            self._check_model()
+            self.pool.start()
+        self.scheduler = Scheduler(self.timers(), self.role)
         self.scheduler.start()
-        self.scp = StorageSCP(s, store, self.sessions, Intake(s))
-        self.scp.start()
-        if s.http.enabled:
+        if self.edge:
+            from dicomnode.intake import Intake
+            from dicomnode.scp import StorageSCP
+
+            self.scp = StorageSCP(s, store, self.sessions, Intake(s))
+            self.scp.start()
+            logger.info("node %s (%s) listening on %s:%d", s.node.node_name, self.role, s.node.bind_address,
+                        self.scp.port)
+        if s.http.enabled and self.edge:
             from dicomnode.console.server import ConsoleServer  # the HTTP stack loads only when used
 
             self.console = ConsoleServer.for_node(s, self, store, JOB_STATES).start()
         logger.info(
-            "node %s listening on %s:%d; %d synthesis worker(s); model %s",
-            s.node.ae_title,
-            s.node.bind_address,
-            self.scp.port,
-            s.scheduler.workers,
+            "node %s (%s): %d synthesis worker(s); model %s",
+            s.node.node_name,
+            self.role,
+            s.scheduler.workers if self.synthesis else 0,
             s.engine.model,
         )
+
+    def timers(self) -> list[Timer]:
+        """Every periodic task of the node, each with the roles that run it (see the scheduler)."""
+        s = self.settings.scheduler
+        beat_s = max(1.0, s.lease_s / 3)
+        return [
+            Timer("supervise", max(s.poll_interval_s, 1.0), self._supervise, ("worker",)),
+            Timer("deliver", s.poll_interval_s, self._deliver, ("edge",)),
+            Timer("reclaim", beat_s, self._reclaim, ("all",)),
+            Timer("heartbeat", beat_s, self._heartbeat, ("all",)),
+            Timer("cleanup", CLEANUP_INTERVAL_S, self._cleanup, ("edge",)),
+        ]
 
     def _check_model(self) -> None:
         problem = model_problem(self.settings)
@@ -109,20 +154,42 @@ class Node:
         with self.sessions() as session:
             return session.scalar(select(Job.id).where(Job.state == "waiting_model").limit(1)) is not None
 
-    def _deliver(self, store: InstanceStore) -> None:
-        try:
-            assert self.sessions is not None
-            deliver_due(self.settings, self.sessions, store)
-        except Exception:  # a scheduler job is a boundary: log, try again next tick
-            logger.exception("delivery round failed")
+    def _deliver(self) -> None:
+        assert self.sessions is not None and self.store is not None
+        deliver_due(self.settings, self.sessions, self.store, f"{self.settings.node.node_name}/delivery")
 
     def _supervise(self) -> None:
-        try:
-            self._check_model()
-            if self.pool is not None and not self.stopping.is_set():
-                self.pool.supervise()
-        except Exception:
-            logger.exception("supervision round failed")
+        self._check_model()
+        if self.pool is not None and not self.stopping.is_set():
+            self.pool.supervise()
+
+    def _reclaim(self) -> None:
+        """Jobs and deliveries whose holders (on any node) stopped renewing their leases."""
+        assert self.sessions is not None
+        with self.sessions.begin() as session:
+            jobs = reclaim_expired_jobs(session, job_policy(self.settings))
+            deliveries = reclaim_expired_deliveries(session, delivery_policy(self.settings))
+        if jobs or deliveries:
+            logger.warning("reclaimed %d jobs and %d deliveries with expired leases", len(jobs), len(deliveries))
+
+    def _heartbeat(self, started: bool = False) -> None:
+        assert self.sessions is not None
+        with self.sessions.begin() as session:
+            beat(
+                session, self.node_id, node=self.settings.node.node_name, role=self.role,
+                host=socket.gethostname(), pid=os.getpid(), started=started,
+            )
+
+    def _cleanup(self) -> None:
+        assert self.store is not None
+        self.store.discard_partial_files(min_age_s=PARTIAL_FILE_AGE_S)
+        self._quarantine()
+
+    def _quarantine(self, min_age_s: float = DEFAULT_MIN_AGE_S) -> None:
+        assert self.store is not None and self.sessions is not None
+        moved = quarantine_unrecorded(self.store, self.sessions, min_age_s=min_age_s)
+        if moved:
+            logger.warning("%d store files without a database row moved to quarantine", len(moved))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -132,9 +199,12 @@ class Node:
         if self.scp is not None:
             self.scp.stop()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
+            self.scheduler.shutdown()
         if self.pool is not None:
             self.pool.stop()
+        if self.sessions is not None:
+            with self.sessions.begin() as session:
+                stopped(session, self.node_id)
         logger.info("node stopped")
 
     def serve_forever(self) -> None:

@@ -137,6 +137,11 @@ def _matches(allowed: tuple[str, ...], value: str) -> bool:
     return any(item.strip().casefold() == wanted for item in allowed)
 
 
+# Rule priorities and the queue priority of their jobs: due "stat" jobs are claimed before due
+# "routine" ones, whatever their age.
+PRIORITIES: dict[str, int] = {"stat": 20, "urgent": 10, "routine": 0}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rule:
     """One ``[[rules]]`` entry: which instances to synthesise from, at which views, sent where.
@@ -159,6 +164,7 @@ class Rule:
     destinations: tuple[str, ...] = ()
     enabled: bool = True
     sweep: bool = False  # also one Multi-frame SC per request, the views as cine frames (derived_sweep)
+    priority: str = "routine"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or _CONTROL.search(self.name):
@@ -197,6 +203,13 @@ class Rule:
             raise ConfigError(f"{where}.sweep: must be true or false, got {self.sweep!r}")
         if self.sweep and len(azimuths) < 2:
             raise ConfigError(f"{where}.sweep: a rotation sweep needs at least two views, got {len(azimuths)}")
+        if self.priority not in PRIORITIES:
+            raise ConfigError(f"{where}.priority: must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
+
+    @property
+    def queue_priority(self) -> int:
+        """The job queue's priority for this rule's jobs (higher is claimed first)."""
+        return PRIORITIES[self.priority]
 
     @property
     def views(self) -> tuple[tuple[float, float], ...]:

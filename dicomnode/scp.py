@@ -5,35 +5,53 @@ complete data set of the class the request names, writes them unchanged and dura
 :class:`~storage.store.InstanceStore`, records the instance (and lets ``intake`` queue jobs) in one
 transaction, and only then answers Success. PS3.4 B.2.3 leaves what "stored" means to the SCP; here it
 means on disk, fsynced and committed, the bar Orthanc's ``SyncStorageArea`` sets. Every failure
-becomes a status code of PS3.4 Table B.2-1 / PS3.7 Annex C with a short Error Comment; nothing that
-one peer sends can stop the server from serving the next.
+becomes a status code of PS3.4 Table B.2-1 / PS3.7 Annex C with a short Error Comment, logged once with
+the association id; nothing that one peer sends can stop the server from serving the next.
+
+C-STORE statuses (the checks are in :mod:`dicomnode.dataset_checks`; 0xC2xx sub-codes are the node's
+own within PS3.4's "Error: Cannot understand" range, 0xC211 being pynetdicom's for a failed handler):
+
+====== ================================================================================================
+0x0000 Success: stored, fsynced (file and folder) and committed; or an identical re-send
+0x0111 Duplicate SOP Instance: the UID is held with other content (the original is kept)
+0xA700 Out of Resources: disk (free-space watermark, write failure) or database; retry later
+0xA900 Data Set does not match SOP Class: request, presentation context and data set name other classes
+0xC210 Cannot understand: truncated data set, or a structure that cannot be walked
+0xC212 a UID the node relies on (SOP Class/Instance, Study, Series) is missing or invalid
+0xC213 SOP Instance UID differs from the request's Affected SOP Instance UID
+0xC214 an image storage SOP class without Pixel Data
+0xC215 native Pixel Data not Rows x Columns x Samples x Bits Allocated / 8 x Frames bytes (+1 pad)
+0xC216 encapsulated Pixel Data under a native transfer syntax, or native under a compressed one
+0xC217 encapsulation invalid: no Basic Offset Table item, bad offsets, odd or too few fragments
+0xC218 an invalid VR code, an element value that does not convert, or a control character in a value
+       the node records
+0xC219 the image description (Rows, Columns, Bits Allocated, Samples per Pixel, Frames) is unusable
+====== ================================================================================================
 
 Association policy (PS3.8 7.1.1): the Called AE Title must be ours when
 ``security.require_called_ae_title`` is set, the Calling AE Title must be listed in
 ``security.allowed_calling_ae_titles`` when that list is not empty. pynetdicom does the rejecting;
-:meth:`StorageSCP._on_rejected` records and logs why. Every association, accepted or not, gets a row in
-the ``associations`` table, whose id prefixes every log line about it.
+:meth:`StorageSCP._on_rejected` records and logs why. Before that, :mod:`dicomnode.association_gate`
+closes connections that send no A-ASSOCIATE-RQ within ``node.request_timeout_s`` (they never take one
+of the ``node.max_associations`` slots) and rejects, transient, a peer address already holding
+``node.max_associations_per_peer`` associations. Every association, accepted or not, gets a row in
+the ``associations`` table, whose id prefixes every log line about it. Every value a peer sent that
+reaches the log is escaped (:func:`dicomnode.log_escape.printable`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import ssl
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
-    RE_VALID_UID,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -52,15 +70,27 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import SecuritySettings, Settings
-from dicomnode.errors import ConfigError, DicomInputError, StorageError
+from dicomnode import commitment
+from dicomnode.association_gate import GatedAssociationServer, RefusedRequest, start_gated_server
+from dicomnode.config import Settings
+from dicomnode.dataset_checks import (
+    ERROR_COMMENT_MAX,
+    OUT_OF_RESOURCES,
+    Received,
+    Refusal,
+    check_c_store,
+)
+from dicomnode.errors import ConfigError, StorageError
+from dicomnode.group_commit import GroupCommitter
+from dicomnode.log_escape import printable
+from dicomnode.part10 import file_header
+from dicomnode.scp_tls import server_tls_context
 from dicomnode.scu import set_tcp_nodelay
 from storage.associations import end_association, record_association
-from storage.instances import classify_resend, fields_from_dataset, find_instance, record_instance
+from storage.instances import classify_resend, find_instance, record_instance
 from storage.models import Instance
 from storage.store import InstanceStore
 
@@ -84,26 +114,17 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
     RLELossless,
 )
 
-# C-STORE response statuses (PS3.4 Table B.2-1; 0x0111 from PS3.7 Annex C.5).
+# C-STORE response statuses (PS3.4 Table B.2-1; 0x0111 from PS3.7 Annex C.5). The failure statuses
+# for data sets the node cannot understand, and their sub-codes, are defined with the checks in
+# dicomnode.dataset_checks and listed in this module's docstring.
 SUCCESS = 0x0000
 DUPLICATE_SOP_INSTANCE = 0x0111
-OUT_OF_RESOURCES = 0xA700
-DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-# "Error: Cannot understand" is the range 0xCxxx. pynetdicom answers 0xC211 itself when a handler
-# raises, so our own reasons use other codes of that range.
-CANNOT_UNDERSTAND = 0xC210  # the data set is truncated or cannot be parsed
-INVALID_UID = 0xC212  # a UID the node relies on is missing or not a valid UID
-SOP_INSTANCE_MISMATCH = 0xC213  # SOP Instance UID differs from the Affected SOP Instance UID
-ERROR_COMMENT_MAX = 64  # Error Comment (0000,0902) is LO
 
 Intake = Callable[[Session, Instance, Dataset], object]
 """Called inside the transaction that records a newly received instance; raising undoes the store.
 
 The dataset holds everything but Pixel Data (it is parsed with ``stop_before_pixels``).
 """
-
-_UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
 
 def _status(code: int, comment: str | None = None) -> Dataset:
     """A C-STORE response status, with an Error Comment cut to the 64 characters LO allows."""
@@ -112,170 +133,6 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     if comment:
         rsp.ErrorComment = comment.replace("\\", "/")[:ERROR_COMMENT_MAX]
     return rsp
-
-
-# ---- Is the data set complete? --------------------------------------------------------------------
-# pydicom reads a truncated value as a shorter one without complaint, so the handler walks the
-# element headers itself (PS3.5 7.1 and 7.5): every declared length must fit in the received bytes and
-# every undefined-length sequence or encapsulated Pixel Data must reach its delimiter.
-
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-def _truncated(pos: int, what: str) -> DicomInputError:
-    return DicomInputError(f"data set truncated at byte {pos} ({what})")
-
-
-def _walk_elements(buf: bytes, pos: int, implicit: bool, order: str, in_item: bool) -> int:
-    """Skip data elements from ``pos``; inside an undefined-length item stop after its delimiter."""
-    end = len(buf)
-    while pos < end:
-        if pos + 8 > end:
-            if not in_item and pos > 0 and not any(buf[pos:]):
-                return end  # a few bytes of trailing zero padding, as some senders add
-            raise _truncated(pos, "element header")
-        group, element = struct.unpack_from(order + "HH", buf, pos)
-        tag = group << 16 | element
-        if tag == _ITEM_DELIMITER and in_item:
-            return pos + 8
-        vr = buf[pos + 4 : pos + 6]
-        if implicit or group == 0xFFFE:
-            (length,), pos = struct.unpack_from(order + "L", buf, pos + 4), pos + 8
-        elif vr in _LONG_VRS:
-            if pos + 12 > end:
-                raise _truncated(pos, "element header")
-            (length,), pos = struct.unpack_from(order + "L", buf, pos + 8), pos + 12
-        else:
-            (length,), pos = struct.unpack_from(order + "H", buf, pos + 6), pos + 8
-        if length == _UNDEFINED_LENGTH:
-            # Items of an undefined-length UN value are Implicit VR Little Endian (PS3.5 6.2.2).
-            pos = _walk_items(buf, pos, implicit or vr == b"UN", order, tag)
-        elif pos + length > end:
-            raise _truncated(pos, f"value of ({group:04X},{element:04X}) needs {length} bytes")
-        else:
-            pos += length
-    if in_item:
-        raise _truncated(pos, "no item delimiter")
-    return pos
-
-
-def _walk_items(buf: bytes, pos: int, implicit: bool, order: str, parent: int) -> int:
-    """Skip the items of an undefined-length value up to and including its sequence delimiter."""
-    while pos + 8 <= len(buf):
-        group, element, length = struct.unpack_from(order + "HHL", buf, pos)
-        tag, pos = group << 16 | element, pos + 8
-        if tag == _SEQUENCE_DELIMITER:
-            return pos
-        if tag != _ITEM:
-            raise DicomInputError(f"({group:04X},{element:04X}) where an item of {parent:08X} belongs")
-        if length == _UNDEFINED_LENGTH:
-            pos = _walk_elements(buf, pos, implicit, order, in_item=True)
-        elif pos + length > len(buf):
-            raise _truncated(pos, f"item of {parent:08X} needs {length} bytes")
-        else:
-            pos += length
-    raise _truncated(pos, f"no sequence delimiter for {parent:08X}")
-
-
-def check_complete(body: bytes, transfer_syntax: UID) -> None:
-    """Raise :class:`DicomInputError` unless ``body`` is a whole data set encoded in ``transfer_syntax``.
-
-    Only element headers are read: no value is decoded, pixel data least of all.
-    """
-    if transfer_syntax.is_deflated:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # PS3.5 A.5: raw deflate, no zlib header
-        try:
-            body = inflater.decompress(body) + inflater.flush()
-        except zlib.error as e:
-            raise DicomInputError(f"deflated data set cannot be inflated: {e}") from e
-        if not inflater.eof:
-            raise DicomInputError("deflated data set truncated (deflate stream has no end)")
-    order = "<" if transfer_syntax.is_little_endian else ">"
-    _walk_elements(body, 0, transfer_syntax.is_implicit_VR, order, in_item=False)
-
-
-def _valid_uid(value: object) -> bool:
-    """A UID per PS3.5 9.1: at most 64 characters, digits and dots, no leading zeros."""
-    return isinstance(value, str) and len(value) <= 64 and RE_VALID_UID.match(value) is not None
-
-
-class _Refused(Exception):
-    """A C-STORE the handler answers with ``status`` (and ``reason`` as Error Comment)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _validate(event: evt.Event, data: bytes) -> tuple[Dataset, dict[str, Any]]:
-    """The received data set parsed up to Pixel Data, and its ``instances`` columns; or _Refused.
-
-    Checks that it is whole, parses, carries valid UIDs and is the object the request names (PS3.4
-    B.2.3: another SOP Class is 0xA900 "Data Set does not match SOP Class").
-    """
-    req = cast(C_STORE, event.request)
-    try:
-        check_complete(event.encoded_dataset(include_meta=False), UID(event.context.transfer_syntax))
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-        values = {keyword: ds.get(keyword) for keyword in _UID_KEYWORDS}  # converts lazily: fail here
-    except DicomInputError as e:
-        raise _Refused(CANNOT_UNDERSTAND, str(e)) from e
-    except Exception as e:  # whatever pydicom raises on bytes it cannot read
-        raise _Refused(CANNOT_UNDERSTAND, f"cannot parse data set: {type(e).__name__}") from e
-    for keyword, value in values.items():
-        if not _valid_uid(value):
-            state = "missing" if keyword not in ds else f"invalid ({str(value)[:20]!r})"
-            raise _Refused(INVALID_UID, f"{keyword} {state}")
-    if ds.SOPClassUID != req.AffectedSOPClassUID:
-        raise _Refused(DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"SOP Class UID is {ds.SOPClassUID}")
-    if ds.SOPInstanceUID != req.AffectedSOPInstanceUID:
-        raise _Refused(SOP_INSTANCE_MISMATCH, "SOP Instance UID differs from the request's")
-    try:
-        return ds, fields_from_dataset(ds)
-    except DicomInputError as e:
-        raise _Refused(CANNOT_UNDERSTAND, str(e)) from e
-
-
-# ---- TLS ------------------------------------------------------------------------------------------
-
-
-class _HandshakeInAssociationThread(ssl.SSLContext):
-    """Server sockets that do the TLS handshake on their first read, not in ``wrap_socket``.
-
-    pynetdicom wraps each accepted socket in its single accept thread, so with the default eager
-    handshake one peer that connects and stays silent would stall every other association.
-    """
-
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
-        kwargs["do_handshake_on_connect"] = False
-        return super().wrap_socket(sock, *args, **kwargs)
-
-
-def server_tls_context(security: SecuritySettings) -> ssl.SSLContext | None:
-    """The SCP's TLS context (PS3.15 B.1, TLS 1.2 or later), or None when TLS is not configured.
-
-    With ``tls_ca_certificates`` set, calling nodes must present a certificate signed by that CA.
-    """
-    if security.tls_certificate is None or security.tls_private_key is None:
-        return None
-    context = _HandshakeInAssociationThread(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(security.tls_certificate, security.tls_private_key)
-        if security.tls_ca_certificates is not None:
-            context.load_verify_locations(cafile=security.tls_ca_certificates)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (ssl.SSLError, OSError) as e:
-        raise ConfigError(
-            f"security.tls_certificate: cannot load {security.tls_certificate} / "
-            f"{security.tls_private_key} / {security.tls_ca_certificates}: {e}"
-        ) from e
-    return context
 
 
 # ---- The server -----------------------------------------------------------------------------------
@@ -312,15 +169,17 @@ class StorageSCP:
         self.store = store
         self.sessions = sessions
         self.intake = intake
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GatedAssociationServer | None = None
         self._records: dict[Association, _AssociationRecord] = {}
         self._lock = threading.Lock()
+        self._committer = GroupCommitter(sessions)
         self._ae = self._make_ae()
 
     def _make_ae(self) -> AE:
         node, security = self.settings.node, self.settings.security
         ae = AE(ae_title=node.ae_title)
         ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.maximum_pdu_bytes
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
@@ -329,6 +188,10 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(cast(str, context.abstract_syntax), list(TRANSFER_SYNTAXES))
+        # A peer reporting a storage commitment result proposes the SCP role for itself (PS3.4 J.3.3)
+        ae.add_supported_context(
+            StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], scu_role=True, scp_role=True
+        )
         return ae
 
     @property
@@ -353,13 +216,17 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
         try:
-            self._server = self._ae.start_server(
+            self._server = start_gated_server(
+                self._ae,
                 (node.bind_address, node.port),
-                block=False,
                 ssl_context=server_tls_context(self.settings.security),
                 evt_handlers=handlers,
+                request_timeout_s=node.request_timeout_s,
+                max_associations_per_peer=node.max_associations_per_peer,
+                on_refused=self._on_refused_at_gate,
             )
         except OSError as e:
             raise ConfigError(f"node.port: cannot listen on {node.bind_address}:{node.port}: {e}") from e
@@ -439,8 +306,8 @@ class StorageSCP:
         requestor = assoc.requestor
         calling_ae, called_ae = _ae_titles(assoc)
         try:
-            with self.sessions.begin() as session:
-                row = record_association(
+            row = self._committer.run(
+                lambda session: record_association(
                     session,
                     calling_ae=calling_ae,
                     called_ae=called_ae,
@@ -448,10 +315,11 @@ class StorageSCP:
                     peer_port=requestor.port,
                     accepted=True,
                 )
+            )
         except Exception:
             # Instances could not name their association: refuse the whole association instead.
             logger.exception(
-                "association ?: cannot record %s from %s, aborting", calling_ae, requestor.address
+                "association ?: cannot record %s from %s, aborting", printable(calling_ae), requestor.address
             )
             assoc.abort()
             return
@@ -460,8 +328,8 @@ class StorageSCP:
         logger.info(
             "association %d: accepted %s -> %s from %s:%d",
             row.id,
-            calling_ae,
-            called_ae,
+            printable(calling_ae),
+            printable(called_ae),
             requestor.address,
             requestor.port,
         )
@@ -486,24 +354,32 @@ class StorageSCP:
         calling_ae, called_ae = _ae_titles(event.assoc)
         rj = cast(A_ASSOCIATE, event.assoc.acceptor.primitive)
         reason = self._rejection_reason(calling_ae, called_ae, (rj.result, rj.result_source, rj.diagnostic))
+        self._record_rejection(requestor.address, requestor.port, calling_ae, called_ae, reason)
+
+    def _on_refused_at_gate(self, refused: RefusedRequest) -> None:
+        """The association gate rejected a request itself (a peer over its per-address cap)."""
+        self._record_rejection(
+            refused.peer_host, refused.peer_port, refused.calling_ae, refused.called_ae, refused.reason
+        )
+
+    def _record_rejection(self, host: str, port: int, calling_ae: str, called_ae: str, reason: str) -> None:
         row_id = "?"
         try:
-            with self.sessions.begin() as session:
-                row = record_association(
+            row = self._committer.run(
+                lambda session: record_association(
                     session,
-                    calling_ae=calling_ae,
-                    called_ae=called_ae,
-                    peer_host=requestor.address,
-                    peer_port=requestor.port,
+                    calling_ae=calling_ae[:16],
+                    called_ae=called_ae[:16],
+                    peer_host=host,
+                    peer_port=port,
                     accepted=False,
                     reason=reason,
                 )
-                row_id = str(row.id)
+            )
+            row_id = str(row.id)
         except Exception:
-            logger.exception("association ?: cannot record the rejection of %s", requestor.address)
-        logger.warning(
-            "association %s: rejected from %s:%d: %s", row_id, requestor.address, requestor.port, reason
-        )
+            logger.exception("association ?: cannot record the rejection of %s", host)
+        logger.warning("association %s: rejected from %s:%d: %s", row_id, host, port, printable(reason, 256))
 
     def _on_closed(self, event: evt.Event) -> None:
         how = {"EVT_RELEASED": "released", "EVT_ABORTED": "aborted"}.get(
@@ -518,8 +394,7 @@ class StorageSCP:
         if record is None:
             return
         try:
-            with self.sessions.begin() as session:
-                end_association(session, record.id, n_instances=record.n_instances)
+            self._committer.run(lambda session: end_association(session, record.id, n_instances=record.n_instances))
         except Exception:
             logger.exception("association %d: cannot record its end", record.id)
         logger.info("association %d: %s after %d new instances", record.id, how, record.n_instances)
@@ -527,6 +402,10 @@ class StorageSCP:
     def _on_echo(self, event: evt.Event) -> int:
         logger.debug("association %s: C-ECHO", self._tag(event.assoc))
         return SUCCESS
+
+    def _on_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        logger.debug("association %s: N-EVENT-REPORT", self._tag(event.assoc))
+        return commitment.on_event_report(self.settings, self.sessions, event)
 
     # ---- C-STORE ----
 
@@ -537,49 +416,73 @@ class StorageSCP:
             return _status(OUT_OF_RESOURCES, "association not recorded")
         try:
             return self._store(event, record)
-        except _Refused as refusal:
+        except Refusal as refusal:
             logger.warning(
-                "association %d: C-STORE failed with 0x%04X: %s", record.id, refusal.status, refusal.reason
+                "association %d: C-STORE of %s refused with 0x%04X: %s",
+                record.id,
+                printable(cast(C_STORE, event.request).AffectedSOPInstanceUID, 64),
+                refusal.status,
+                printable(refusal.reason),
             )
             return _status(refusal.status, refusal.reason)
         except Exception:
             logger.exception(
                 "association %d: unexpected error storing %s",
                 record.id,
-                cast(C_STORE, event.request).AffectedSOPInstanceUID,
+                printable(cast(C_STORE, event.request).AffectedSOPInstanceUID, 64),
             )
             return _status(OUT_OF_RESOURCES, "internal error, see the node log")
 
+    def _check(self, event: evt.Event) -> tuple[bytes, Received]:
+        """The received data set with File Meta Information, checked (dicomnode.dataset_checks)."""
+        req = cast(C_STORE, event.request)
+        context = event.context
+        AffectedSOPClassUID = str(req.AffectedSOPClassUID or "")
+        AffectedSOPInstanceUID = str(req.AffectedSOPInstanceUID or "")
+        body = event.encoded_dataset(include_meta=False)
+        data = file_header(AffectedSOPClassUID, AffectedSOPInstanceUID, str(context.transfer_syntax)) + body
+        received = check_c_store(
+            data,
+            body,
+            UID(context.transfer_syntax),
+            str(context.abstract_syntax),
+            AffectedSOPClassUID,
+            AffectedSOPInstanceUID,
+        )
+        return data, received
+
     def _store(self, event: evt.Event, record: _AssociationRecord) -> Dataset:
-        """Validate, write durably, record (with intake) in one transaction, then answer Success."""
-        data = event.encoded_dataset()
-        ds, fields = _validate(event, data)
+        """Check, write durably, record (with intake) in one transaction, then answer Success."""
+        data, received = self._check(event)
+        ds, fields = received.ds, received.fields
         SOPInstanceUID = fields["sop_instance_uid"]
-        with self.sessions() as session:
-            existing = find_instance(session, SOPInstanceUID)
-        if existing is not None:
-            return self._answer_resend(record, existing, data)
+        # No look-up first: a re-sent UID is rare, and the row's unique SOP Instance UID turns it into
+        # a failed insert below, answered from the stored row (one query less per instance).
         try:
             stored = self.store.write(data)
         except StorageError as e:
             logger.error("association %d: cannot store %s: %s", record.id, SOPInstanceUID, e)
             return _status(OUT_OF_RESOURCES, "cannot write the instance to storage")
+
+        def record_it(session: Session) -> Instance:
+            instance = record_instance(
+                session,
+                **fields,
+                origin="received",
+                path=stored.path,
+                sha256=stored.sha256,
+                size_bytes=stored.size_bytes,
+                association_id=record.id,
+                calling_ae=record.calling_ae,
+                called_ae=record.called_ae,
+                peer_host=record.peer_host,
+            )
+            if self.intake is not None:
+                self.intake(session, instance, ds)
+            return instance
+
         try:
-            with self.sessions.begin() as session:
-                instance = record_instance(
-                    session,
-                    **fields,
-                    origin="received",
-                    path=stored.path,
-                    sha256=stored.sha256,
-                    size_bytes=stored.size_bytes,
-                    association_id=record.id,
-                    calling_ae=record.calling_ae,
-                    called_ae=record.called_ae,
-                    peer_host=record.peer_host,
-                )
-                if self.intake is not None:
-                    self.intake(session, instance, ds)
+            self._committer.run(record_it)  # with other associations' records: one commit, one fsync
         except Exception:
             self._discard(record, stored.path)  # never acknowledged: the file must not stay
             with self.sessions() as session:

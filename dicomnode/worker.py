@@ -7,6 +7,11 @@ pixels are made: derived instances written to the store and recorded, one Output
 pending Delivery per destination, the job marked done. Re-running a job after a crash produces the
 same UIDs (deterministic) and finds the instances already there, so nothing is duplicated.
 
+Claims are leased (:mod:`storage.queue`): a heartbeat thread renews the lease while the job runs,
+and the final transaction first fences on the lease, so a worker whose job was reclaimed or moved
+meanwhile writes nothing, logs it and takes the next job. A worker whose parent process died exits
+at once (no orphan keeps computing a job the restarted node already requeued).
+
 Before any of that, the consistency gate (:mod:`dicomnode.gate`): an input outside the model's
 intended inputs, or scored below its threshold, ends the job ``refused`` with the score and the
 reason, nothing written. Deterministic failures (:func:`dicomnode.errors.is_permanent`) end the job
@@ -17,10 +22,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,19 +40,21 @@ from dicomnode.log_config import quiet_libraries
 from dicomnode.rules import facts_from_dataset, loop_reason
 from storage.db import make_engine, session_factory
 from storage.deliveries import DeliveryTarget, create_deliveries
+from storage.heartbeats import beat, stopped
 from storage.instances import fields_from_dataset, find_instance, record_instance
 from storage.jobs import (
-    claim_next_job,
+    claim_jobs,
     complete_job,
-    fail_job,
-    fail_job_permanently,
+    fail_leased_job,
     get_job,
+    lease_of,
     record_consistency,
     refuse_job,
     wait_for_model,
 )
 from storage.models import Instance, Job, utcnow
 from storage.outputs import record_output
+from storage.queue import JOBS, Lease, LeaseLost, RetryPolicy
 from storage.store import InstanceStore
 
 logger = logging.getLogger(__name__)
@@ -55,9 +62,25 @@ logger = logging.getLogger(__name__)
 SAMPLER = "DPMSolverMultistep dpmsolver++ order 2"
 
 
+PARENT_CHECK_S = 0.5
+
+
 def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
-    """Exponential backoff: initial, 2x, 4x ... capped (attempt counts from 1)."""
-    return float(min(max_s, initial_s * 2 ** max(0, attempt - 1)))
+    """Exponential backoff: initial, 2x, 4x ... capped (attempt counts from 1); no jitter."""
+    return RetryPolicy(1, initial_s, max_s).backoff_s(attempt)
+
+
+def job_policy(settings: Settings) -> RetryPolicy:
+    """The retry policy of synthesis jobs, from ``[scheduler]`` (a job's own max_attempts wins)."""
+    s = settings.scheduler
+    return RetryPolicy(s.max_attempts, s.backoff_initial_s, s.backoff_max_s, s.backoff_jitter)
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether a failed attempt is worth repeating: only transient errors are
+    (:func:`dicomnode.errors.is_permanent`: an undecodable input or a value the writer rejects fails
+    the same way every time)."""
+    return not is_permanent(error)
 
 
 @dataclass
@@ -67,6 +90,7 @@ class LoadedModel:
     dtype: str
     name: str
     identity: str
+    max_batch: int = 8  # views per chunk, "auto" resolved at load
 
     @property
     def device_uid(self) -> str:
@@ -83,54 +107,187 @@ class SynthesisWorker:
         self.store = InstanceStore(settings.node.storage_dir, settings.node.min_free_mb * 2**20)
         self.sessions: sessionmaker[Session] = session_factory(make_engine(settings.node.effective_database_url))
         self.model: LoadedModel | None = None
+        self.lease: Lease | None = None  # of the job being processed
+        self.leases: dict[int, Lease] = {}  # of every job claimed, renewed by the heartbeat
+        self._batched: dict[int, Any] = {}  # job id -> its views, denoised with other jobs'
+        self._stopping = threading.Event()
 
     # ------------------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event | Any) -> None:
         logger.info("worker %s started (pid %d)", self.worker_id, os.getpid())
-        while not stop.is_set():
-            if not self.run_once():
-                stop.wait(self.settings.scheduler.poll_interval_s)
+        heart = threading.Thread(target=self._heartbeat_loop, args=(stop,), name="heartbeat", daemon=True)
+        self._beat(started=True)
+        heart.start()
+        try:
+            while not stop.is_set():
+                if not self.run_once():
+                    stop.wait(self.settings.scheduler.poll_interval_s)
+        finally:
+            self._stopping.set()
+            with self.sessions.begin() as session:
+                stopped(session, self.worker_id)
         logger.info("worker %s stopped", self.worker_id)
 
     def run_once(self) -> bool:
-        """Claim and run one due job; False when there was none."""
-        job = claim_next_job(self.sessions, self.worker_id, utcnow())
-        if job is None:
+        """Claim and run due jobs (up to ``max_jobs_per_batch``, denoised together); False when none."""
+        s = self.settings.scheduler
+        jobs = claim_jobs(self.sessions, self.worker_id, limit=s.max_jobs_per_batch, now=utcnow(), lease_s=s.lease_s)
+        if not jobs:
             return False
-        log = logging.LoggerAdapter(logger, {"job": job.id})
-        if not self.settings.engine.model.is_dir():
-            with self.sessions.begin() as session:
-                wait_for_model(session, job.id, f"model folder {self.settings.engine.model} does not exist")
-            log.warning("job %d waits: model folder %s does not exist", job.id, self.settings.engine.model)
-            return True
+        self.leases = {job.id: lease_of(job) for job in jobs}
         try:
-            self.process(job.id)
-        except InputRefused as e:  # the model cannot ground this input: terminal, nothing written
-            with self.sessions.begin() as session:
-                refuse_job(session, job.id, e.reason[:2000], e.score, e.method)
-        except Exception as e:  # the job wrapper is a boundary: every failure becomes a job state
-            if is_permanent(e):  # deterministic: the same input fails the same way; one line, no retry
-                log.error("job %d failed, not retried: %s: %s", job.id, type(e).__name__, e)
-            else:
-                log.exception("job %d failed (attempt %d)", job.id, job.attempts + 1)
-            self._fail(job, e)
+            if len(jobs) > 1 and self.settings.engine.model.is_dir():
+                self._batched = self._synthesize_together(jobs)
+            for job in jobs:
+                self._run_job(job)
+        finally:
+            self.leases, self._batched = {}, {}
         return True
+
+    def _run_job(self, job: Job) -> None:
+        self.lease = self.leases.get(job.id)
+        log = logging.LoggerAdapter(logger, {"job": job.id})
+        try:
+            self._beat()  # status shows the job in hand at once
+            if not self.settings.engine.model.is_dir():
+                with self.sessions.begin() as session:
+                    reason = f"model folder {self.settings.engine.model} does not exist"
+                    wait_for_model(session, job.id, reason, lease=self.lease)
+                log.warning("job %d waits: model folder %s does not exist", job.id, self.settings.engine.model)
+                return
+            try:
+                self.process(job.id)
+            except LeaseLost:
+                raise
+            except InputRefused as e:  # the model cannot ground this input: terminal, nothing written
+                with self.sessions.begin() as session:
+                    refuse_job(session, job.id, e.reason[:2000], e.score, e.method, lease=self.lease)
+            except Exception as e:  # the job wrapper is a boundary: every failure becomes a job state
+                if is_permanent(e):  # deterministic: the same input fails the same way; one line, no retry
+                    log.error("job %d failed, not retried: %s: %s", job.id, type(e).__name__, e)
+                else:
+                    log.exception("job %d failed (attempt %d)", job.id, job.attempts + 1)
+                self._fail(job, e)
+        except LeaseLost as e:  # the job moved (reclaimed, requeued, retried): drop it, write nothing
+            log.warning("job %d dropped by %s: %s", job.id, self.worker_id, e)
+        finally:
+            self.leases.pop(job.id, None)
+            self.lease = None
+
+    def _synthesize(self, model: LoadedModel, requests: list[tuple[Any, list[float], list[float]]]) -> list[Any]:
+        """Denoise the views of one or more prepared inputs with the engine settings.
+
+        With ``max_jobs_per_batch`` > 1 every job goes through the fixed-size batches of
+        :mod:`synthesis.batching`, alone or not, so its pixels never depend on its company.
+        """
+        engine = self.settings.engine
+        if self.settings.scheduler.max_jobs_per_batch > 1:
+            from synthesis.batching import BatchRequest, synthesize_many
+
+            return synthesize_many(
+                model.pipe,
+                [BatchRequest(image, az, el, engine.seed) for image, az, el in requests],
+                num_inference_steps=engine.steps,
+                guidance_scale=engine.guidance_scale,
+                max_batch=model.max_batch,
+            )
+        return [
+            model.pipe(
+                image,
+                azimuths=az,
+                elevations=el,
+                num_inference_steps=engine.steps,
+                guidance_scale=engine.guidance_scale,
+                generator=engine.seed,
+                max_batch=model.max_batch,
+            )
+            for image, az, el in requests
+        ]
+
+    def _synthesize_together(self, jobs: list[Job]) -> dict[int, Any]:
+        """Denoise the claimed jobs' views in shared batches; each job then finishes on its own.
+
+        A job whose input cannot be prepared is left out (it fails on its own in ``process``); if the
+        shared run fails, every job runs alone, so one bad input cannot fail the others.
+        """
+        from synthesis.radiograph import prepare_radiograph
+
+        model = self.load_model()
+        engine = self.settings.engine
+        meta = model_meta_for(engine.model, engine.consistency_threshold)
+        if meta.gate.method == "identity-ssim":  # that gate needs each job's (0, 0) view in its own batch
+            return {}
+        ids, requests = [], []
+        for job in jobs:
+            try:
+                with self.sessions() as session:
+                    source_row = session.get_one(Instance, job.input_instance_id)
+                    path = source_row.path
+                source = self.store.open_dataset(path)
+                check_intended_input(source, list(job.elevations), meta)  # refused ones are left out
+                prepared = prepare_radiograph(source, model.pipe.resolution)
+            except Exception as e:  # noqa: BLE001 - reported when the job runs alone
+                logger.info("job %d left out of the shared batch: %s", job.id, e)
+                continue
+            ids.append(job.id)
+            requests.append((prepared.image, list(job.azimuths), list(job.elevations)))
+        if len(ids) < 2:
+            return {}
+        try:
+            t = time.perf_counter()
+            results = self._synthesize(model, requests)
+        except Exception:  # noqa: BLE001 - each job retries alone and fails on its own
+            logger.exception("shared batch of jobs %s failed; running them one by one", ids)
+            return {}
+        logger.info("jobs %s denoised together in %.2f s", ids, time.perf_counter() - t)
+        return dict(zip(ids, results, strict=True))
 
     def _fail(self, job: Job, error: Exception) -> None:
         message = f"{type(error).__name__}: {error}"[:2000]
-        if is_permanent(error):
-            with self.sessions.begin() as session:
-                fail_job_permanently(session, job.id, message)
-            return
-        s = self.settings.scheduler
-        delay = backoff_s(job.attempts + 1, s.backoff_initial_s, s.backoff_max_s)
+        assert self.lease is not None
         with self.sessions.begin() as session:
-            fail_job(session, job.id, message, timedelta(seconds=delay))
+            fail_leased_job(session, self.lease, message, job_policy(self.settings), retryable=is_retryable(error))
+
+    def _fence(self, session: Session) -> None:
+        """Inside the final transaction, before any output is written: is the job still ours?"""
+        if self.lease is not None:
+            JOBS.fence(session, self.lease)
+
+    def _beat(self, started: bool = False) -> None:
+        lease = self.lease
+        with self.sessions.begin() as session:
+            beat(
+                session, self.worker_id, node=self.worker_id.rsplit("/", 1)[0], role="worker",
+                host=socket.gethostname(), pid=os.getpid(), job_id=lease.id if lease else None, started=started,
+            )
+
+    def _heartbeat_loop(self, stop: threading.Event | Any) -> None:
+        """Every lease_s / 3: renew the lease of the job in hand and say we are alive."""
+        interval = self.settings.scheduler.lease_s / 3
+        while not self._stopping.wait(interval):
+            for job_id, lease in list(self.leases.items()):
+                try:
+                    with self.sessions.begin() as session:
+                        renewed = JOBS.heartbeat(session, lease, self.settings.scheduler.lease_s)
+                    if self.leases.get(job_id) is lease:
+                        self.leases[job_id] = renewed
+                    if self.lease is lease:
+                        self.lease = renewed
+                except LeaseLost as e:
+                    if job_id in self.leases:  # not just finished by this worker meanwhile
+                        logger.warning("worker %s: %s (the job will be dropped)", self.worker_id, e)
+                except Exception:  # a missed heartbeat is retried next interval; the lease has slack
+                    logger.exception("worker %s: heartbeat of job %d failed", self.worker_id, job_id)
+            try:
+                self._beat()
+            except Exception:
+                logger.exception("worker %s: heartbeat failed", self.worker_id)
 
     # --------------------------------------------------------------------------------- model
     def load_model(self) -> LoadedModel:
         if self.model is None:
             from synthesis.device import resolve_device, resolve_dtype
+            from synthesis.fastpath import FastPath, prepare_for_serving
             from synthesis.pipeline import SvdrrPipeline
 
             device = worker_device(resolve_device(self.settings.engine.device), self.gpu_index)
@@ -138,20 +295,31 @@ class SynthesisWorker:
             t = time.perf_counter()
             pipe = SvdrrPipeline.from_pretrained(self.settings.engine.model, torch_dtype=dtype, device=device)
             pipe.set_progress_bar_config(disable=True)
+            # Fast path (synthesis.fastpath): compile, size the batches, warm every shape the rules need.
+            engine = self.settings.engine
+            fast = FastPath.for_device(device, engine.compile, engine.cuda_graphs, engine.pad_batches)
+            view_counts = [len(rule.azimuths) for rule in self.settings.rules if rule.enabled]
+            max_batch, warm_s = prepare_for_serving(
+                pipe, fast, engine.max_batch, engine.guidance_scale, view_counts, warm=engine.warm_up
+            )
             self.model = LoadedModel(
                 pipe=pipe,
                 device=str(device),
                 dtype=str(dtype).removeprefix("torch."),
                 name=self.settings.engine.model.name,
                 identity=pipe.model_identity,
+                max_batch=max_batch,
             )
             logger.info(
-                "worker %s loaded model %s (identity %s) on %s in %.1f s",
+                "worker %s loaded model %s (identity %s) on %s in %.1f s (warm-up %.1f s, compiled %s, max_batch %d)",
                 self.worker_id,
                 self.model.name,
                 self.model.identity[:12],
                 device,
                 time.perf_counter() - t,
+                warm_s,
+                pipe.fast_path.compile,
+                max_batch,
             )
         return self.model
 
@@ -178,7 +346,7 @@ class SynthesisWorker:
         if reason:  # the SCP checks too; here also our exact Device UID is known
             logger.info("job %d: input not processed: %s", job_id, reason)
             with self.sessions.begin() as session:
-                complete_job(session, job_id)
+                complete_job(session, job_id, lease=self.lease)
             return
         engine = self.settings.engine
         # The gate, before anything is written: intended inputs from the header, then the score.
@@ -192,15 +360,10 @@ class SynthesisWorker:
         else:
             score = score_input(model.pipe, prepared.image, meta.gate.method)
             check_score(score.value, score.method, meta)
-        result = model.pipe(
-            prepared.image,
-            azimuths=azimuths,
-            elevations=elevations,
-            num_inference_steps=engine.steps,
-            guidance_scale=engine.guidance_scale,
-            generator=engine.seed,
-            max_batch=engine.max_batch,
-        )
+        # A job denoised in a shared batch (cross-job batching) takes its views from there; the
+        # identity-view gate needs its (0, 0) view in its own batch, so it always runs alone.
+        batched = None if with_identity else self._batched.pop(job_id, None)
+        result = batched or self._synthesize(model, [(prepared.image, azimuths, elevations)])[0]
         synthesis_s = time.perf_counter() - t1
         images, result_views = result.images, list(result.views)
         if with_identity:
@@ -240,6 +403,7 @@ class SynthesisWorker:
         targets = [self._target(name) for name in destinations]
         total_s = time.perf_counter() - t0
         with self.sessions.begin() as session:
+            self._fence(session)
             for ds, (azimuth, elevation) in zip(datasets, views, strict=True):
                 row = find_instance(session, ds.SOPInstanceUID)
                 if row is None:  # a retried job finds what its first attempt already stored
@@ -268,7 +432,7 @@ class SynthesisWorker:
                     )
                 create_deliveries(session, row.id, targets)
             record_consistency(session, job_id, score.value, score.method)
-            complete_job(session, job_id)
+            complete_job(session, job_id, lease=self.lease)
         logger.info(
             "job %d done: %d views in %.2f s (synthesis %.2f s), series %s",
             job_id,
@@ -299,7 +463,8 @@ class SynthesisWorker:
 
     def _target(self, peer_name: str) -> DeliveryTarget:
         peer = self.settings.peer(peer_name)
-        return DeliveryTarget(peer_name=peer.name, peer_ae=peer.ae_title, peer_host=peer.host, peer_port=peer.port)
+        ae = peer.ae_title if peer.kind == "dimse" else "STOW-RS"  # a DICOMweb peer has no AE title
+        return DeliveryTarget(peer_name=peer.name, peer_ae=ae, peer_host=peer.host, peer_port=peer.port)
 
 
 def worker_device(device: Any, gpu_index: int | None) -> Any:
@@ -312,12 +477,40 @@ def worker_device(device: Any, gpu_index: int | None) -> Any:
     return device
 
 
-def worker_main(settings: Settings, worker_id: str, gpu_index: int | None, stop: Any, log_level: int) -> None:
-    """Entry point of a worker process (multiprocessing 'spawn')."""
+def worker_main(
+    settings: Settings,
+    worker_id: str,
+    gpu_index: int | None,
+    stop: Any,
+    log_level: int,
+    parent_pid: int | None = None,
+) -> None:
+    """Entry point of a worker process (multiprocessing 'spawn').
+
+    ``parent_pid`` is the node's main process: when it dies (``kill -9``, OOM killer) this worker
+    exits at once instead of running on unsupervised. Its job's lease then runs out, or the
+    restarted node requeues it; either way the fencing token keeps this worker from writing.
+    """
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s")
     quiet_libraries(show=log_level <= logging.DEBUG)  # as the CLI set it in the parent (spawn forgets)
+    if parent_pid is not None:
+        watch = threading.Thread(target=exit_with_parent, args=(parent_pid, worker_id), daemon=True)
+        watch.start()
     try:
         SynthesisWorker(settings, worker_id, gpu_index).run(stop)
     except ModelLoadError:
         logger.exception("worker %s cannot load its model", worker_id)
         raise
+
+
+def exit_with_parent(parent_pid: int, worker_id: str, interval_s: float = PARENT_CHECK_S) -> None:
+    """Exit the process as soon as its parent is no longer ``parent_pid`` (the parent died)."""
+    while True:
+        if os.getppid() != parent_pid:
+            logger.error("worker %s: node process %d is gone; exiting (its job is reclaimed)", worker_id, parent_pid)
+            logging.shutdown()
+            os._exit(EXIT_PARENT_GONE)
+        time.sleep(interval_s)
+
+
+EXIT_PARENT_GONE = 75  # EX_TEMPFAIL: nothing wrong with the job, the node went away

@@ -4,22 +4,28 @@ Workers are separate processes ('spawn', so no lock or CUDA state is inherited f
 threads). The pool restarts a worker that died, after putting the job it held back in the queue,
 and on shutdown lets each worker finish the job in hand for a grace period before terminating it
 and requeueing that job.
+
+Worker ids are ``<node name>/worker-<i>`` (``node.name``, unique per machine), so a node that
+restarts requeues only its own workers' jobs; jobs held by other nodes' workers are reclaimed
+when their leases expire (:func:`storage.jobs.reclaim_expired_jobs`, on the scheduler). Each
+worker is told the node's pid and exits when the node dies.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from datetime import timedelta
+import os
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings
-from dicomnode.worker import backoff_s, worker_main
-from storage.jobs import fail_job, requeue_running_jobs
+from dicomnode.worker import job_policy, worker_main
+from storage.jobs import fail_leased_job, lease_of, requeue_running_jobs
 from storage.models import Job
+from storage.queue import LeaseLost
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +40,8 @@ class WorkerPool:
         self.processes: dict[str, Any] = {}
 
     def worker_ids(self) -> list[str]:
-        return [f"{self.settings.node.ae_title.strip()}/worker-{i}" for i in range(self.settings.scheduler.workers)]
+        node = self.settings.node.node_name
+        return [f"{node}/worker-{i}" for i in range(self.settings.scheduler.workers)]
 
     def gpu_index_for(self, index: int) -> int | None:
         """With several workers, worker i takes GPU i (when the engine runs on CUDA at all)."""
@@ -42,7 +49,7 @@ class WorkerPool:
 
     def requeue_own_jobs(self) -> int:
         with self.sessions.begin() as session:
-            return sum(requeue_running_jobs(session, claimed_by=w) for w in self.worker_ids())
+            return requeue_running_jobs(session, claimed_by=self.worker_ids())
 
     def start(self) -> None:
         for index, worker_id in enumerate(self.worker_ids()):
@@ -52,7 +59,7 @@ class WorkerPool:
         level = logging.getLogger().getEffectiveLevel()
         proc = self.ctx.Process(
             target=worker_main,
-            args=(self.settings, worker_id, self.gpu_index_for(index), self.stop_event, level),
+            args=(self.settings, worker_id, self.gpu_index_for(index), self.stop_event, level, os.getpid()),
             name=worker_id,
             daemon=False,
         )
@@ -74,12 +81,16 @@ class WorkerPool:
     def _fail_jobs_of(self, worker_id: str, exitcode: int | None) -> None:
         """The job a worker held when it died counts as a failed attempt (with backoff), so an
         input that crashes the engine every time ends 'failed' instead of looping forever."""
-        s = self.settings.scheduler
-        with self.sessions.begin() as session:
+        policy = job_policy(self.settings)
+        with self.sessions() as session:
             running = session.scalars(select(Job).where(Job.state == "running", Job.claimed_by == worker_id)).all()
-            for job in running:
-                delay = backoff_s(job.attempts + 1, s.backoff_initial_s, s.backoff_max_s)
-                fail_job(session, job.id, f"worker process died (exit code {exitcode})", timedelta(seconds=delay))
+            leases = [lease_of(job) for job in running]
+        for lease in leases:
+            try:
+                with self.sessions.begin() as session:
+                    fail_leased_job(session, lease, f"worker process died (exit code {exitcode})", policy)
+            except LeaseLost as e:  # expired meanwhile: the reclaim round counts it instead
+                logger.info("job %d of dead worker %s: %s", lease.id, worker_id, e)
 
     def alive(self) -> int:
         return sum(1 for p in self.processes.values() if p.is_alive())

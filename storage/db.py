@@ -13,6 +13,7 @@ The schema is managed only by the Alembic migrations shipped in ``storage/migrat
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any, cast
@@ -61,13 +62,28 @@ def _configure_sqlite_connection(dbapi_connection: Any, connection_record: Any) 
         cursor.close()
 
 
+def with_installed_driver(url: URL) -> URL:
+    """A ``postgresql://`` URL (no driver named) with a PostgreSQL driver that is installed.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; the project installs psycopg2
+    (``psycopg2-binary``). So the URL a user writes, as README documents it, keeps working: psycopg 3
+    when it is installed, psycopg2 otherwise. A URL that names its driver is left as written.
+    """
+    if url.drivername != "postgresql":
+        return url
+    for module, drivername in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return url.set(drivername=drivername)
+    return url  # neither: create_engine names the missing module
+
+
 def make_engine(database_url: str) -> Engine:
-    """An engine for ``database_url`` (``sqlite:///path`` or ``postgresql+psycopg2://...``).
+    """An engine for ``database_url`` (``sqlite:///path`` or ``postgresql://...``).
 
     For SQLite the parent folder of the file is created. ``synchronous = FULL`` makes a commit
     durable on power loss in WAL mode, which the C-STORE acknowledgement relies on.
     """
-    url = _parse_url(database_url)
+    url = with_installed_driver(_parse_url(database_url))
     try:
         if url.get_backend_name() == "sqlite":
             path = _sqlite_file(url)

@@ -4,6 +4,10 @@ A delivery is ``pending`` until a C-STORE to the peer returns a status the sende
 (success or a warning, PS3.4 B.2.3), then ``sent`` with that DIMSE status; after
 ``max_attempts`` failures it is ``failed`` until an operator asks to ``resend`` it. Functions
 flush on the caller's session and leave the commit to the caller.
+
+Deliveries use the generic leased queue of :mod:`storage.queue` (``DELIVERIES``): a sender claims
+due deliveries with a lease before it opens an association, so two nodes on one database never
+send the same instance, and records the outcome fenced by the lease it was given.
 """
 
 from __future__ import annotations
@@ -16,14 +20,27 @@ from typing import Any
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.errors import StorageError
 from storage.db import affected_rows
 from storage.models import DELIVERY_STATES, Delivery, Output, utcnow
+from storage.queue import DEFAULT_LEASE_S, DELIVERIES, Lease, RetryPolicy
 from storage.recalls import recall_of_instance
 
 logger = logging.getLogger(__name__)
+
+_NO_LEASE: dict[str, Any] = {"claimed_by": None, "claimed_at": None, "lease_expires_at": None, "heartbeat_at": None}
+
+
+@dataclass(frozen=True)
+class _FixedBackoff(RetryPolicy):
+    """A policy whose backoff the caller already computed (``mark_failed``'s ``backoff``)."""
+
+    delay: timedelta = timedelta(0)
+
+    def backoff(self, attempt: int, rng: Any = None) -> timedelta:
+        return self.delay
 
 
 @dataclass(frozen=True)
@@ -100,15 +117,37 @@ def _refuse_recalled(session: Session, output_instance_id: int) -> None:
 def due_deliveries(session: Session, now: datetime | None = None, limit: int = 100) -> list[Delivery]:
     """Pending deliveries whose ``not_before`` has come, oldest first; never one of a recalled output."""
     now = now or utcnow()
-    recalled = exists().where(Output.instance_id == Delivery.output_instance_id, Output.recall_id.is_not(None))
     return list(
         session.scalars(
             select(Delivery)
-            .where(Delivery.state == "pending", Delivery.not_before <= now, ~recalled)
+            .where(Delivery.state == "pending", Delivery.not_before <= now, ~_recalled())
             .order_by(Delivery.not_before, Delivery.id)
             .limit(limit)
         )
     )
+
+
+def claim_deliveries(
+    sessions: sessionmaker[Session],
+    worker_id: str,
+    *,
+    limit: int = 100,
+    now: datetime | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
+) -> list[tuple[Delivery, Lease]]:
+    """Claim up to ``limit`` due pending deliveries for ``worker_id`` (atomic across nodes); never
+    one of a recalled output."""
+    return DELIVERIES.claim(sessions, worker_id, lease_s=lease_s, limit=limit, now=now, where=(~_recalled(),))
+
+
+def _recalled() -> Any:
+    """True for a delivery whose output a recall withdrew."""
+    return exists().where(Output.instance_id == Delivery.output_instance_id, Output.recall_id.is_not(None))
+
+
+def reclaim_expired_deliveries(session: Session, policy: RetryPolicy, now: datetime | None = None) -> list[int]:
+    """Deliveries whose sender died while holding them become due again (attempt counted)."""
+    return DELIVERIES.reclaim_expired(session, policy, now)
 
 
 def get_delivery(session: Session, delivery_id: int) -> Delivery:
@@ -140,20 +179,25 @@ def _transition(session: Session, delivery_id: int, from_states: tuple[str, ...]
     return delivery
 
 
-def mark_sent(session: Session, delivery_id: int, status_code: int, now: datetime | None = None) -> Delivery:
-    """The peer stored the instance and answered ``status_code`` (0x0000, or a warning)."""
+def mark_sent(
+    session: Session, delivery_id: int, status_code: int, now: datetime | None = None, lease: Lease | None = None
+) -> Delivery:
+    """The peer stored the instance and answered ``status_code`` (0x0000, or a warning).
+
+    With ``lease`` (a sender) the change is fenced by the lease (:class:`storage.queue.LeaseLost`).
+    """
     now = now or utcnow()
     delivery = get_delivery(session, delivery_id)
-    delivery = _transition(
-        session,
-        delivery_id,
-        ("pending",),
-        state="sent",
-        status_code=status_code,
-        attempts=delivery.attempts + 1,
-        sent_at=now,
-        last_error=None,
-    )
+    values: dict[str, Any] = {
+        "status_code": status_code,
+        "attempts": delivery.attempts + 1,
+        "sent_at": now,
+        "last_error": None,
+    }
+    if lease is not None:
+        delivery = DELIVERIES.complete(session, lease, now, **values)
+    else:
+        delivery = _transition(session, delivery_id, ("pending",), state="sent", **values, **_NO_LEASE)
     logger.info("delivery %d to %s sent, status 0x%04X", delivery_id, delivery.peer_name, status_code)
     return delivery
 
@@ -166,12 +210,20 @@ def mark_failed(
     max_attempts: int,
     status_code: int | None = None,
     now: datetime | None = None,
+    lease: Lease | None = None,
+    retryable: bool = True,
 ) -> Delivery:
     """A send failed (no association, or a failure status): retry after ``backoff`` or give up.
 
     Stays ``pending`` with ``not_before = now + backoff`` while attempts < ``max_attempts``;
-    becomes ``failed`` once they are used up.
+    becomes ``failed`` once they are used up, or at once when the error is not ``retryable``.
+    With ``lease`` the change is fenced by it.
     """
+    if lease is not None:
+        policy = _FixedBackoff(max_attempts=max_attempts, delay=backoff)
+        return DELIVERIES.fail(
+            session, lease, error, policy, retryable=retryable, now=now, status_code=status_code
+        )
     if backoff < timedelta(0):
         raise ValueError(f"backoff {backoff} is negative")
     if max_attempts < 1:
@@ -179,8 +231,8 @@ def mark_failed(
     now = now or utcnow()
     delivery = get_delivery(session, delivery_id)
     attempts = delivery.attempts + 1
-    common: dict[str, Any] = {"attempts": attempts, "last_error": error, "status_code": status_code}
-    if attempts < max_attempts:
+    common: dict[str, Any] = {"attempts": attempts, "last_error": error, "status_code": status_code, **_NO_LEASE}
+    if attempts < max_attempts and retryable:
         delivery = _transition(session, delivery_id, ("pending",), not_before=now + backoff, **common)
         logger.warning(
             "delivery %d to %s failed (attempt %d of %d), retry after %s: %s",
@@ -210,18 +262,23 @@ def resend(session: Session, delivery_id: int, now: datetime | None = None) -> D
     instance is refused (``StorageError``): a rejection note withdrew it.
     """
     _refuse_recalled(session, get_delivery(session, delivery_id).output_instance_id)
-    delivery = _transition(
-        session,
-        delivery_id,
-        ("failed", "sent"),
-        state="pending",
-        attempts=0,
-        not_before=now or utcnow(),
-        sent_at=None,
-        status_code=None,
-    )
+    try:
+        delivery = DELIVERIES.retry(session, delivery_id, ("failed", "sent"), now=now, sent_at=None, status_code=None)
+    except (LookupError, ValueError) as e:
+        raise StorageError(str(e)) from e
     logger.info("delivery %d to %s queued again by request", delivery_id, delivery.peer_name)
     return delivery
+
+
+def resend_failed(session: Session, peer_name: str | None = None, now: datetime | None = None) -> list[int]:
+    """Queue every ``failed`` delivery (to one peer, or to all) again; returns their ids."""
+    query = select(Delivery.id).where(Delivery.state == "failed", ~_recalled()).order_by(Delivery.id)
+    if peer_name is not None:
+        query = query.where(Delivery.peer_name == peer_name)
+    ids = list(session.scalars(query))
+    for delivery_id in ids:
+        resend(session, delivery_id, now=now)
+    return ids
 
 
 def list_deliveries(

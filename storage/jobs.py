@@ -11,6 +11,10 @@ Every transition is a conditional UPDATE on the state (and attempt count) the ca
 workers, or a worker and an operator, can never both move the same job. ``claim_next_job`` runs
 and commits its own transaction; the other functions flush on the caller's session and leave the
 commit to the caller.
+
+The claim, lease, fencing and retry logic is the generic one of :mod:`storage.queue` (``JOBS``);
+the functions here keep the job vocabulary. Functions that take a ``lease`` are fenced: they
+raise :class:`storage.queue.LeaseLost` when the job moved away from that lease.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.errors import StorageError
 from storage.db import affected_rows
 from storage.models import JOB_STATES, Job, utcnow
+from storage.queue import DEFAULT_LEASE_S, JOBS, Lease, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
+_NO_LEASE: dict[str, Any] = {"claimed_by": None, "claimed_at": None, "lease_expires_at": None, "heartbeat_at": None}
+
 DEFAULT_MAX_ATTEMPTS = 3
-_CLAIM_BATCH = 8
 
 
 def _angles(name: str, values: Sequence[float]) -> list[float]:
@@ -54,12 +60,14 @@ def enqueue_job(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     not_before: datetime | None = None,
     now: datetime | None = None,
+    priority: int = 0,
 ) -> Job:
     """Queue a job, or return the job already queued under ``request_key``.
 
     The insert is ``INSERT ... ON CONFLICT (request_key) DO NOTHING`` followed by a lookup, so two
     receivers of the same instance racing here still end with one job. ``not_before`` delays the
-    first claim (the settle delay that lets a whole study arrive).
+    first claim (the settle delay that lets a whole study arrive); a higher ``priority`` is claimed
+    first among due jobs.
     """
     if not request_key or len(request_key) > 128:
         raise ValueError(f"request_key {request_key!r} must be 1 to 128 characters")
@@ -80,6 +88,7 @@ def enqueue_job(
         "not_before": not_before or now,
         "created_at": now,
         "request_key": request_key,
+        "priority": priority,
     }
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -97,58 +106,39 @@ def enqueue_job(
     return job
 
 
-def claim_next_job(sessions: sessionmaker[Session], worker_id: str, now: datetime | None = None) -> Job | None:
-    """Claim the oldest queued job due at ``now`` for ``worker_id``; None when nothing is due.
+def claim_next_job(
+    sessions: sessionmaker[Session], worker_id: str, now: datetime | None = None, lease_s: float = DEFAULT_LEASE_S
+) -> Job | None:
+    """Claim the most urgent queued job due at ``now`` for ``worker_id``; None when nothing is due.
 
-    Atomic across processes: PostgreSQL locks the candidate row with ``FOR UPDATE SKIP LOCKED``
-    (other workers skip it instead of waiting); SQLite moves it with ``UPDATE ... WHERE
-    state = 'queued'`` and takes it only if that changed one row. The claim is committed before
-    the job is returned, detached and fully loaded.
+    Atomic across processes and hosts (see :mod:`storage.queue`). The claim is committed before
+    the job is returned, detached and fully loaded; :func:`lease_of` gives its lease.
     """
-    if not worker_id or len(worker_id) > 128:
-        raise ValueError(f"worker_id {worker_id!r} must be 1 to 128 characters")
+    claimed = claim_jobs(sessions, worker_id, limit=1, now=now, lease_s=lease_s)
+    return claimed[0] if claimed else None
+
+
+def claim_jobs(
+    sessions: sessionmaker[Session],
+    worker_id: str,
+    *,
+    limit: int = 1,
+    where: Sequence[Any] = (),
+    now: datetime | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
+) -> list[Job]:
+    """Claim up to ``limit`` due jobs (priority, then age) matching ``where``, atomically."""
     now = now or utcnow()
-    due = select(Job).where(Job.state == "queued", Job.not_before <= now).order_by(Job.not_before, Job.id)
-    claim = {"state": "running", "claimed_by": worker_id, "claimed_at": now, "started_at": now}
-    with sessions() as session:
-        if session.get_bind().dialect.name == "postgresql":
-            job_id = _claim_skip_locked(session, due, claim)
-        else:
-            job_id = _claim_by_conditional_update(session, due, claim)
-        if job_id is None:
-            return None
-        job = session.get_one(Job, job_id, populate_existing=True)
-        session.expunge(job)
-    logger.info("job %d claimed by %s (attempt %d of %d)", job.id, worker_id, job.attempts + 1, job.max_attempts)
-    return job
+    rows = JOBS.claim(sessions, worker_id, lease_s=lease_s, limit=limit, where=where, now=now,
+                      extra={"started_at": now})
+    return [job for job, _ in rows]
 
 
-def _claim_skip_locked(session: Session, due: Any, claim: dict[str, Any]) -> int | None:
-    job_id = session.scalars(due.with_only_columns(Job.id).limit(1).with_for_update(skip_locked=True)).first()
-    if job_id is None:
-        session.rollback()
-        return None
-    session.execute(update(Job).where(Job.id == job_id).values(**claim).execution_options(synchronize_session=False))
-    session.commit()
-    return job_id
-
-
-def _claim_by_conditional_update(session: Session, due: Any, claim: dict[str, Any]) -> int | None:
-    while True:
-        candidates = list(session.scalars(due.with_only_columns(Job.id).limit(_CLAIM_BATCH)))
-        if not candidates:
-            return None
-        for job_id in candidates:
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == "queued")
-                .values(**claim)
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
-            if affected_rows(result) == 1:
-                return job_id
-        # Every candidate went to another worker between our read and our update: read again.
+def lease_of(job: Job) -> Lease:
+    """The lease a claimed job carries (its fencing token, holder and expiry)."""
+    if job.state != "running" or job.claimed_by is None or job.lease_expires_at is None:
+        raise ValueError(f"job {job.id} is {job.state!r} without a lease")
+    return Lease(job.id, job.lease_token, job.claimed_by, job.lease_expires_at)
 
 
 def get_job(session: Session, job_id: int) -> Job:
@@ -177,9 +167,21 @@ def _transition(session: Session, job_id: int, from_states: tuple[str, ...], **v
     return job
 
 
-def complete_job(session: Session, job_id: int, now: datetime | None = None) -> Job:
-    """A running job finished: all its outputs are stored and recorded."""
-    job = _transition(session, job_id, ("running",), state="done", finished_at=now or utcnow(), last_error=None)
+def complete_job(session: Session, job_id: int, now: datetime | None = None, lease: Lease | None = None) -> Job:
+    """A running job finished: all its outputs are stored and recorded.
+
+    With ``lease`` (a worker) the change is fenced; without (tests, tools) it is conditional on
+    the state and attempt count read.
+    """
+    now = now or utcnow()
+    if lease is not None:
+        if lease.id != job_id:
+            raise ValueError(f"lease of job {lease.id} cannot complete job {job_id}")
+        job = JOBS.complete(session, lease, now, finished_at=now, last_error=None)
+    else:
+        job = _transition(
+            session, job_id, ("running",), state="done", finished_at=now, last_error=None, **_NO_LEASE
+        )
     logger.info("job %d done", job_id)
     return job
 
@@ -195,12 +197,7 @@ def fail_job(session: Session, job_id: int, error: str, backoff: timedelta, now:
     now = now or utcnow()
     job = get_job(session, job_id)
     attempts = job.attempts + 1
-    common: dict[str, Any] = {
-        "attempts": attempts,
-        "last_error": error,
-        "claimed_by": None,
-        "claimed_at": None,
-    }
+    common: dict[str, Any] = {"attempts": attempts, "last_error": error, **_NO_LEASE}
     if attempts < job.max_attempts:
         job = _transition(session, job_id, ("running",), state="queued", not_before=now + backoff, **common)
         logger.warning(
@@ -224,12 +221,23 @@ def refuse_job(
     score: float | None = None,
     method: str | None = None,
     now: datetime | None = None,
+    lease: Lease | None = None,
 ) -> Job:
     """A running job is refused by the consistency gate: terminal, the attempt counted, no retry.
 
     ``reason`` says why (recorded in ``last_error``); ``score`` and ``method`` are the gate's score,
-    when one was computed.
+    when one was computed. With ``lease`` (a worker) the change is fenced.
     """
+    now = now or utcnow()
+    if lease is not None:
+        if lease.id != job_id:
+            raise ValueError(f"lease of job {lease.id} cannot refuse job {job_id}")
+        job = JOBS.finish(
+            session, lease, "refused", now, finished_at=now, last_error=reason,
+            consistency_score=score, consistency_method=method,
+        )  # fmt: skip
+        logger.warning("job %d refused: %s", job_id, reason)
+        return job
     job = get_job(session, job_id)
     job = _transition(
         session,
@@ -237,12 +245,11 @@ def refuse_job(
         ("running",),
         state="refused",
         attempts=job.attempts + 1,
-        finished_at=now or utcnow(),
+        finished_at=now,
         last_error=reason,
         consistency_score=score,
         consistency_method=method,
-        claimed_by=None,
-        claimed_at=None,
+        **_NO_LEASE,
     )
     logger.warning("job %d refused: %s", job_id, reason)
     return job
@@ -259,9 +266,16 @@ def record_consistency(session: Session, job_id: int, score: float, method: str)
     )
 
 
-def fail_job_permanently(session: Session, job_id: int, error: str, now: datetime | None = None) -> Job:
+def fail_job_permanently(
+    session: Session, job_id: int, error: str, now: datetime | None = None, lease: Lease | None = None
+) -> Job:
     """A running job failed deterministically (the same input fails the same way every time):
-    ``failed`` at once, its attempts used up, without waiting out a retry budget."""
+    ``failed`` at once, its attempts used up, without waiting out a retry budget. With ``lease``
+    (a worker) the change is fenced."""
+    if lease is not None:
+        if lease.id != job_id:
+            raise ValueError(f"lease of job {lease.id} cannot fail job {job_id}")
+        return fail_leased_job(session, lease, error, RetryPolicy(), retryable=False, now=now)
     job = get_job(session, job_id)
     attempts = job.attempts + 1
     job = _transition(
@@ -272,23 +286,60 @@ def fail_job_permanently(session: Session, job_id: int, error: str, now: datetim
         attempts=attempts,
         finished_at=now or utcnow(),
         last_error=error,
-        claimed_by=None,
-        claimed_at=None,
+        **_NO_LEASE,
     )
     logger.error("job %d failed for good (not retried, the failure is deterministic): %s", job_id, error)
     return job
 
 
-def wait_for_model(session: Session, job_id: int, reason: str) -> Job:
+def fail_leased_job(
+    session: Session,
+    lease: Lease,
+    error: str,
+    policy: RetryPolicy,
+    *,
+    retryable: bool = True,
+    now: datetime | None = None,
+) -> Job:
+    """The holder of ``lease`` failed its attempt: fenced, with the policy's backoff.
+
+    A permanent error (``retryable=False``) fails the job at once; the job's own ``max_attempts``
+    (frozen when it was queued) limits the retries.
+    """
+    now = now or utcnow()
+    job = JOBS.fail(session, lease, error, policy, retryable=retryable, now=now)
+    if job.state == "failed":
+        job.finished_at = now
+        session.flush()
+    return job
+
+
+def reclaim_expired_jobs(session: Session, policy: RetryPolicy, now: datetime | None = None) -> list[int]:
+    """Jobs whose worker stopped renewing its lease (process or host died) go back to the queue
+    with the attempt counted, or fail once attempts are used up. Any node may run this."""
+    now = now or utcnow()
+    ids = JOBS.reclaim_expired(session, policy, now)
+    for job_id in ids:
+        job = session.get_one(Job, job_id)
+        if job.state == "failed":
+            job.finished_at = now
+    session.flush()
+    return ids
+
+
+def wait_for_model(session: Session, job_id: int, reason: str, lease: Lease | None = None) -> Job:
     """Park a running job whose model is not available; it does not count as an attempt."""
+    if lease is not None:
+        job = JOBS.release(session, lease, state="waiting_model", last_error=reason)
+        logger.warning("job %d waits for its model: %s", job_id, reason)
+        return job
     job = _transition(
         session,
         job_id,
         ("running",),
         state="waiting_model",
         last_error=reason,
-        claimed_by=None,
-        claimed_at=None,
+        **_NO_LEASE,
     )
     logger.warning("job %d waits for its model: %s", job_id, reason)
     return job
@@ -309,47 +360,37 @@ def release_waiting_jobs(session: Session, now: datetime | None = None) -> int:
     return released
 
 
-def requeue_running_jobs(session: Session, now: datetime | None = None, claimed_by: str | None = None) -> int:
+def requeue_running_jobs(
+    session: Session, now: datetime | None = None, claimed_by: str | Sequence[str] | None = None
+) -> int:
     """At start, put jobs a crashed run left ``running`` back in the queue; returns how many.
 
-    ``claimed_by`` limits this to one worker's jobs when several nodes share the database. The
-    interrupted attempt is not counted: the crash need not be the job's fault.
+    ``claimed_by`` (one worker id or several) limits this to this node's own workers when several
+    nodes share the database; jobs of other nodes are reclaimed only when their leases expire.
+    The interrupted attempt is not counted: the crash need not be the job's fault. The fencing
+    token moves on, so a worker of the crashed run that is somehow still alive cannot write.
     """
-    now = now or utcnow()
-    query = update(Job).where(Job.state == "running")
-    if claimed_by is not None:
-        query = query.where(Job.claimed_by == claimed_by)
-    result = session.execute(
-        query.values(
-            state="queued",
-            not_before=now,
-            claimed_by=None,
-            claimed_at=None,
-            started_at=None,
-            last_error="interrupted: the node stopped while the job was running",
-        ).execution_options(synchronize_session=False)
+    workers = [claimed_by] if isinstance(claimed_by, str) else claimed_by
+    requeued = JOBS.requeue_held_by(
+        session, workers, "interrupted: the node stopped while the job was running", now=now or utcnow()
     )
-    session.expire_all()
-    requeued = affected_rows(result)
     if requeued:
+        session.execute(
+            update(Job)
+            .where(Job.state == "queued", Job.started_at.is_not(None), Job.finished_at.is_(None))
+            .values(started_at=None)
+            .execution_options(synchronize_session=False)
+        )
         logger.warning("%d interrupted running jobs queued again", requeued)
     return requeued
 
 
 def retry_job(session: Session, job_id: int, now: datetime | None = None) -> Job:
     """An operator asks for a failed job to run again, with a fresh set of attempts."""
-    job = _transition(
-        session,
-        job_id,
-        ("failed",),
-        state="queued",
-        attempts=0,
-        not_before=now or utcnow(),
-        finished_at=None,
-        claimed_by=None,
-        claimed_at=None,
-        started_at=None,
-    )
+    try:
+        job = JOBS.retry(session, job_id, ("failed",), now=now, finished_at=None, started_at=None)
+    except (LookupError, ValueError) as e:
+        raise StorageError(str(e)) from e
     logger.info("job %d queued again by request", job_id)
     return job
 

@@ -37,7 +37,8 @@ from sqlalchemy.types import TypeDecorator
 
 ORIGINS: tuple[str, ...] = ("received", "derived")
 JOB_STATES: tuple[str, ...] = ("queued", "running", "done", "failed", "waiting_model", "refused")
-DELIVERY_STATES: tuple[str, ...] = ("pending", "sent", "failed", "cancelled")
+DELIVERY_STATES: tuple[str, ...] = ("pending", "sent", "committing", "committed", "failed", "cancelled")
+COMMITMENT_STATES: tuple[str, ...] = ("requested", "committed", "failed", "expired")
 RECALL_REASONS: tuple[str, ...] = ("quality", "safety")
 
 # Lengths from PS3.5 6.2 (UI 64, AE 16, CS 16 characters); LO-valued fields get 64.
@@ -196,6 +197,11 @@ class Job(Base):
     # The consistency gate's score of the input (higher = better grounded) and its method.
     consistency_score: Mapped[float | None] = mapped_column(Float)
     consistency_method: Mapped[str | None] = mapped_column(String(32))
+    # The leased queue (storage/queue.py): priority, lease and fencing token.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
 
     input_instance: Mapped[Instance] = relationship(back_populates="jobs")
     outputs: Mapped[list[Output]] = relationship(back_populates="job", order_by="Output.id")
@@ -286,12 +292,67 @@ class Delivery(Base):
     not_before: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    commitment_id: Mapped[int | None] = mapped_column(ForeignKey("storage_commitments.id"), index=True)
+    committed_at: Mapped[datetime | None]
+    # The leased queue (storage/queue.py): a pending delivery with a live lease is being sent.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None]
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
 
     output_instance: Mapped[Instance] = relationship()
 
     @validates("state")
     def _validate_state(self, key: str, value: str) -> str:
         return _check_choice("delivery state", value, DELIVERY_STATES)
+
+
+class StorageCommitment(Base):
+    """One Storage Commitment request (PS3.4 J.3): the N-ACTION's Transaction UID and its answer.
+
+    ``requested`` until the peer's N-EVENT-REPORT arrives (``committed`` when every instance is
+    committed, ``failed`` when some are not) or ``deadline`` passes (``expired``). Its deliveries
+    point at it while they are ``committing``.
+    """
+
+    __tablename__ = "storage_commitments"
+    __table_args__ = (
+        CheckConstraint(_in_clause("state", COMMITMENT_STATES), name="state"),
+        Index("ix_storage_commitments_state_deadline", "state", "deadline"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(UI), unique=True)
+    peer_name: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="requested")
+    n_instances: Mapped[int] = mapped_column(Integer)
+    n_failed: Mapped[int | None] = mapped_column(Integer)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deadline: Mapped[datetime]
+    answered_at: Mapped[datetime | None]
+    reason: Mapped[str | None] = mapped_column(Text)
+
+    @validates("state")
+    def _validate_state(self, key: str, value: str) -> str:
+        return _check_choice("storage commitment state", value, COMMITMENT_STATES)
+
+
+class QueueWorker(Base):
+    """A node process or synthesis worker and its last heartbeat, for ``dicomnode status``."""
+
+    __tablename__ = "queue_workers"
+
+    worker_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    node: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(HOST))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    stopped_at: Mapped[datetime | None]
 
 
 class AuditEvent(Base):

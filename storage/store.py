@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -172,16 +173,22 @@ class InstanceStore:
         except InvalidDicomError as e:
             raise StorageError(f"stored file {path!r} under {self.root} is not valid DICOM: {e}") from e
 
-    def discard_partial_files(self) -> int:
+    def discard_partial_files(self, min_age_s: float = 0.0) -> int:
         """Remove temporary files a crash left mid-write; run at start, before accepting stores.
 
-        They were never acknowledged nor recorded, so nothing refers to them.
+        They were never acknowledged nor recorded, so nothing refers to them. ``min_age_s`` spares
+        younger ones: on a store shared by several nodes, another node may be writing them now.
         """
         removed = 0
+        cutoff = time.time() - min_age_s
         for leftover in self.root.rglob(f"{TEMP_PREFIX}*"):
             try:
+                if min_age_s and leftover.stat().st_mtime > cutoff:
+                    continue
                 leftover.unlink()
                 removed += 1
+            except FileNotFoundError:
+                continue  # another node removed or renamed it meanwhile
             except OSError as e:
                 raise StorageError(f"cannot remove partial file {leftover}: {e}") from e
         if removed:

@@ -27,6 +27,7 @@ from transformers import CLIPVisionModelWithProjection
 
 from dicomnode.errors import SynthesisError
 from synthesis.checkpoint import WEIGHTED, load_components, save_components
+from synthesis.fastpath import FastPath, plan_chunks
 from synthesis.identity import identity_of_folder, identity_of_modules
 from synthesis.projection import CCProjection
 from synthesis.views import View, make_views, view_seed
@@ -80,6 +81,9 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
         self._check_components()
         self._model_identity: str | None = None
         self._fp32_vae: AutoencoderKL | None = None
+        # The eager reference until synthesis.fastpath.enable_fast_path switches it.
+        self.fast_path = FastPath()
+        self.cuda_graphs = False
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -248,6 +252,8 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
             model_in = scheduler.scale_model_input(model_in, t)
             model_in = torch.cat([model_in, cond], dim=1).to(dtype)
             timestep = t.expand(model_in.shape[0]).to(latents.device)
+            if self.cuda_graphs:  # a new graph replay: the previous step's outputs are consumed
+                torch.compiler.cudagraph_mark_step_begin()
             out = self.transformer(
                 model_in,
                 encoder_hidden_states=context,
@@ -259,6 +265,8 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
             # for the published models, v for our pixel-space demo) is the scheduler config's
             # prediction_type; CFG is linear, so it combines either the same way.
             eps = out[:, :c].to(torch.float32)
+            if self.cuda_graphs:  # graph outputs live in a pool the next replay overwrites
+                eps = eps.clone()
             if do_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -309,7 +317,8 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
         ``generator``: one ``torch.Generator`` per view, or an int seed from which each view's
         generator is derived from the seed and the view's own angles (:func:`views.view_seed`), so a
         view's output never depends on which other views share the call. ``max_batch``: views
-        denoised together (the transformer sees twice as many rows with CFG).
+        denoised together (the transformer sees twice as many rows with CFG); on the fast path
+        (:mod:`synthesis.fastpath`) a short chunk is padded to a static size and the padding dropped.
         """
         t_start = time.perf_counter()
         views = make_views(azimuths, elevations)
@@ -329,20 +338,26 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
         cond_latent = self.encode_condition_latent(x)
         t_condition = time.perf_counter()
 
-        chunks = [range(i, min(i + max_batch, len(views))) for i in range(0, len(views), max_batch)]
+        # With fast_path.pad_batches a short chunk is padded with copies of its last view (static
+        # shapes for compiled modules); rows never mix, and the copies are dropped after decoding.
+        chunks = plan_chunks(len(views), max_batch, self.fast_path.pad_batches)
         outputs = []
         denoise_s = decode_s = 0.0
         with self.progress_bar(total=len(chunks) * num_inference_steps) as progress:
-            for chunk in chunks:
+            for chunk, size in chunks:
                 t0 = time.perf_counter()
                 chunk_views = [views[i] for i in chunk]
                 latents = self.prepare_latents([generators[i] for i in chunk], height, width)
                 tokens = self.encode_tokens(chunk_views, image_embeds)
+                pad = size - len(chunk)
+                if pad:
+                    latents = torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)])
+                    tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1, -1)])
                 latents = self._denoise(
                     latents, tokens, cond_latent, num_inference_steps, guidance_scale, progress
                 )
                 t1 = time.perf_counter()
-                outputs.append(self.decode_latents(latents))
+                outputs.append(self.decode_latents(latents)[: len(chunk)])
                 t2 = time.perf_counter()
                 denoise_s += t1 - t0
                 decode_s += t2 - t1

@@ -36,7 +36,7 @@ def pydicom_file(name: str) -> Path:
     return Path(path)
 
 
-def write_settings(folder: Path, port: int, security: str = "") -> Settings:
+def write_settings(folder: Path, port: int, security: str = "", node: str = "") -> Settings:
     """Settings from a real TOML file, with a migrated SQLite database in ``folder``."""
     config = folder / "dicomnode.toml"
     config.write_text(
@@ -50,6 +50,7 @@ min_free_mb = 0
 acse_timeout_s = 5
 dimse_timeout_s = 10
 network_timeout_s = 10
+{node}
 
 [security]
 allowed_calling_ae_titles = ["{CALLING}", "STORESCU", "ECHOSCU"]
@@ -91,11 +92,14 @@ class Node:
 
 @contextmanager
 def node_factory(folder: Path) -> Iterator[Callable[..., Node]]:
-    """``start(intake=None, min_free_bytes=0, security="")`` starts a node; all stop on exit."""
+    """``start(intake=None, min_free_bytes=0, security="", node="")`` starts a node; all stop on exit.
+
+    ``security`` and ``node`` are TOML lines added to those sections.
+    """
     started: list[StorageSCP] = []
 
-    def start(intake: Intake | None = None, min_free_bytes: int = 0, security: str = "") -> Node:
-        settings = write_settings(folder, free_port(), security)
+    def start(intake: Intake | None = None, min_free_bytes: int = 0, security: str = "", node: str = "") -> Node:
+        settings = write_settings(folder, free_port(), security, node)
         store = InstanceStore(settings.node.storage_dir / "instances", min_free_bytes)
         sessions = session_factory(make_engine(settings.node.effective_database_url))
         scp = StorageSCP(settings, store, sessions, intake)

@@ -5,6 +5,7 @@ Each starts on free ports in a temporary folder and is stopped by the test that 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 from tests.conftest import dcmtk, free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 
 
 def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
@@ -32,11 +34,28 @@ def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.
 
 
 class Orthanc:
-    """A real Orthanc with its REST API; C-STORE success from it means stored and indexed."""
+    """A real Orthanc with its REST API; C-STORE success from it means stored and indexed.
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC"):
+    ``plugins``: paths of plugin libraries to load (e.g. :data:`DICOMWEB_PLUGIN`); ``modalities``:
+    its ``DicomModalities``, name -> (AE title, host, port), the AEs it may send to (a Storage
+    Commitment report goes to the requesting AE, which must be listed); ``extra``: further
+    configuration keys (``LuaScripts``, ``RegisteredUsers``...), overriding the defaults.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        ae_title: str = "ORTHANC",
+        *,
+        plugins: tuple[str, ...] = (),
+        modalities: dict[str, tuple[str, str, int]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
         self.folder = folder
         self.ae_title = ae_title
+        self.plugins = plugins
+        self.modalities = modalities or {}
+        self.extra = extra or {}
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -50,12 +69,14 @@ class Orthanc:
             "DicomAet": self.ae_title,
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
-            "Plugins": [],
+            "Plugins": list(self.plugins),
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": True,
             "SyncStorageArea": True,
+            "DicomModalities": {name: list(modality) for name, modality in self.modalities.items()},
+            **self.extra,
         }
         config = {k: v for k, v in config.items() if v is not None}
         path = self.folder / "orthanc.json"
@@ -77,15 +98,31 @@ class Orthanc:
         except (urllib.error.URLError, ConnectionError):
             return False
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb (STOW-RS) base URL when the plugin is loaded."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", headers=self._auth_headers())
+        with urllib.request.urlopen(request, timeout=10) as r:
             body = r.read()
             return json.loads(body) if r.headers.get_content_type() == "application/json" else body
 
     def post(self, path: str, data: bytes) -> Any:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=data, method="POST", headers=self._auth_headers()
+        )
         with urllib.request.urlopen(request, timeout=10) as r:
             return json.loads(r.read())
+
+    def _auth_headers(self) -> dict[str, str]:
+        """Basic auth as the first of ``RegisteredUsers`` when authentication is on."""
+        users = self.extra.get("RegisteredUsers") if self.extra.get("AuthenticationEnabled") else None
+        if not users:
+            return {}
+        user, password = next(iter(users.items()))
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,7 +31,8 @@ from storage.db import make_engine, session_factory, upgrade
 from storage.instances import record_instance
 from storage.models import Instance
 
-POSTGRES_URL = os.environ.get("DICOMNODE_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+# Spelled as a user writes it (README, config/dicomnode.toml): no driver named.
+POSTGRES_URL = os.environ.get("DICOMNODE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
@@ -42,19 +43,20 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'db' / 'node.sqlite'}"
         return
     schema = f"storage_test_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    base = make_engine(POSTGRES_URL)  # the same URL handling as the node's
+    admin = base.execution_options(isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
             connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     except OperationalError as e:
-        admin.dispose()
+        base.dispose()
         pytest.skip(f"PostgreSQL at {POSTGRES_URL} is not reachable: {e.orig}")
     try:
         yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     finally:
         with admin.connect() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+        base.dispose()
 
 
 @pytest.fixture

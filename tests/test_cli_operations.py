@@ -97,3 +97,44 @@ def test_commands_refuse_a_database_that_was_never_upgraded(tmp_path: Path, caps
     (tmp_path / "var").mkdir()
     assert main(["jobs", "--config", str(path)]) == ExitCode.FAILURE
     assert "db upgrade" in capsys.readouterr().err
+
+
+def test_deliveries_resend_failed_in_bulk_for_one_peer(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sessions = _sessions(config)
+    targets = [
+        DeliveryTarget(peer_name="pacs", peer_ae="ORTHANC", peer_host="127.0.0.1", peer_port=4242),
+        DeliveryTarget(peer_name="archive", peer_ae="ARCHIVE", peer_host="127.0.0.1", peer_port=4243),
+    ]
+    with sessions.begin() as session:
+        for n in range(2):
+            derived = _instance(session, f"1.2.3.4.{n + 7}", "derived")
+            for delivery in create_deliveries(session, derived.id, targets):
+                mark_failed(session, delivery.id, "association refused", timedelta(0), max_attempts=1)
+    assert main(["deliveries", "--config", str(config), "--resend-failed", "--peer", "pacs"]) == ExitCode.OK
+    assert "2 failed deliveries to pacs queued again" in capsys.readouterr().out
+    with sessions() as session:
+        states = sorted((d.peer_name, d.state) for d in session.query(Delivery))
+    assert states == [("archive", "failed"), ("archive", "failed"), ("pacs", "pending"), ("pacs", "pending")]
+
+
+def test_status_lists_nodes_workers_heartbeats_and_quarantine(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from storage.heartbeats import beat
+    from storage.models import utcnow
+
+    sessions = _sessions(config)
+    with sessions.begin() as session:
+        beat(session, "edge-1/node", node="edge-1", role="edge", host="pacs-side", pid=11, started=True)
+        beat(session, "gpu-1/worker-0", node="gpu-1", role="worker", host="gpu-box", pid=22, job_id=5,
+             now=utcnow() - timedelta(minutes=10))
+    quarantined = config.parent / "var" / "quarantine" / "2026" / "lost.dcm"
+    quarantined.parent.mkdir(parents=True)
+    quarantined.write_bytes(b"DICM")
+    assert main(["status", "--config", str(config)]) == ExitCode.OK
+    out = capsys.readouterr().out
+    edge_line = next(line for line in out.splitlines() if "edge-1/node" in line)
+    worker_line = next(line for line in out.splitlines() if "gpu-1/worker-0" in line)
+    assert "edge" in edge_line and "alive" in edge_line and "pacs-side:11" in edge_line
+    assert "SILENT for 6" in worker_line and "job 5" in worker_line
+    assert "quarantine 1 file(s)" in out and "quarantine/2026/lost.dcm" in out

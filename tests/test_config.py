@@ -70,7 +70,7 @@ def test_shipped_defaults() -> None:
     )
     assert s.engine.guidance_scale == 1.5  # shipped: tuned to the shipped demo model (built-in 3.0)
     assert s.engine.dtype_for("cuda") == "bfloat16" and s.engine.dtype_for("cpu") == "float32"
-    assert dataclasses.astuple(s.scheduler) == (5.0, 5, 10.0, 600.0, 1, 1.0, 10)
+    assert dataclasses.astuple(s.scheduler) == (5.0, 5, 10.0, 600.0, 1, 1.0, 10, 60.0, 0.1, 1)
     assert dataclasses.astuple(s.output)[:4] == (901, "OT", "SYNTHETIC", "dicomnode")
     assert s.loop_prevention.skip_derived == "secondary" and s.loop_prevention.skip_own_device
     (rule,) = s.rules
@@ -119,7 +119,10 @@ def test_example_site_loads(tmp_path: Path) -> None:
     assert s.node.database_url.startswith("postgresql://")
     assert s.security.tls_enabled and s.security.tls_certificate == site / "tls" / "node.crt"
     assert s.security.allowed_calling_ae_titles == ("CR_ROOM1", "DX_ROOM2", "PACS_MAIN")
-    assert [p.name for p in s.peers] == ["pacs", "research-archive"] and s.peer("pacs").tls
+    assert [p.name for p in s.peers] == ["pacs", "research-archive", "web-viewer"] and s.peer("pacs").tls
+    assert s.peer("pacs").storage_commitment and s.peer("web-viewer").kind == "dicomweb"
+    assert s.peer("web-viewer").tls_ca_file == site / "tls" / "hospital-ca.pem"  # resolved like [security]'s
+    assert (s.peer("web-viewer").host, s.peer("web-viewer").port) == ("viewer.example.org", 443)
     ortho = s.rules[1]
     assert not ortho.enabled and ortho.views == ((-45.0, 10.0), (45.0, 10.0), (90.0, 0.0))
     assert s.output.series_number == 905
@@ -157,6 +160,11 @@ BAD = [
     ('[engine]\ndtype = "int8"\n', r"engine\.dtype: must be one of"),
     ("[engine]\nguidance_scale = 0.5\n", r"engine\.guidance_scale: must be >= 1\.0, got 0\.5"),
     ("[engine]\nsteps = 0\n", r"engine\.steps: must be >= 1, got 0"),
+    ('[engine]\nmax_batch = "many"\n', r'engine\.max_batch: must be an integer >= 1 or "auto", got \'many\''),
+    ("[engine]\nmax_batch = 0\n", r"engine\.max_batch: must be >= 1, got 0"),
+    ("[engine]\nmax_batch = true\n", r"engine\.max_batch: must be an integer >= 1 or \"auto\""),
+    ('[engine]\ncompile = "yes"\n', r"engine\.compile: must be one of \('auto', 'on', 'off'\)"),
+    ("[engine]\ncuda_graphs = 1\n", r"engine\.cuda_graphs: must be true or false"),
     (
         "[scheduler]\nbackoff_initial_s = 60\nbackoff_max_s = 30\n",
         r"scheduler\.backoff_max_s: must be >= 60\.0",
@@ -391,3 +399,15 @@ def test_main_runs_config_check(
     bad = write(tmp_path, MINIMAL.replace('storage_dir = "data"', "port = 70000"))
     assert cli.main(["config", "check", "--config", str(bad)]) == ExitCode.CONFIG
     assert "node.port: must be 1..65535, got 70000" in capsys.readouterr().err
+
+
+def test_engine_fast_path_keys(tmp_path: Path) -> None:
+    """``max_batch`` takes an integer or "auto" (file and environment); the fast path switches."""
+    shipped = load_settings(SHIPPED, env={}).engine
+    assert (shipped.compile, shipped.cuda_graphs, shipped.pad_batches, shipped.warm_up) == ("auto", True, True, True)
+    path = write(tmp_path, MINIMAL + '\n[engine]\nmax_batch = "auto"\ncompile = "off"\nwarm_up = false\n')
+    s = load_settings(path, env={})
+    assert s.engine.max_batch == "auto" and s.engine.compile == "off" and s.engine.warm_up is False
+    s = load_settings(path, env={"DICOMNODE_ENGINE__MAX_BATCH": "16", "DICOMNODE_ENGINE__PAD_BATCHES": "false"})
+    assert s.engine.max_batch == 16 and s.engine.pad_batches is False
+    assert load_settings(SHIPPED, env={"DICOMNODE_ENGINE__MAX_BATCH": "auto"}).engine.max_batch == "auto"

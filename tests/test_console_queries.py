@@ -132,3 +132,33 @@ def test_audit_rows_round_trip(db_sessions: sessionmaker[Session]) -> None:
         rows = audit.recent(session)
     assert [r["action"] for r in rows] == ["peer.echo", "delivery.resend"]
     assert rows[1]["id"] == first and rows[1]["detail"] == {"peer": "pacs"} and rows[1]["at"].tzinfo is not None
+
+
+def test_workers_from_their_heartbeats(db_sessions: sessionmaker[Session]) -> None:
+    from storage.heartbeats import beat, stopped
+
+    now = utcnow()
+    with db_sessions.begin() as session:
+        source = add_instance(session, 1)
+        job = enqueue_job(session, input_instance_id=source.id, rule_name="r", azimuths=[30], elevations=[0],
+                          destinations=[], request_key="k", now=now - timedelta(seconds=5),
+                          not_before=now - timedelta(seconds=5))
+    claim_next_job(db_sessions, "a/worker-0", now=now)
+    with db_sessions.begin() as session:
+        beat(session, "edge-a", node="a", role="edge", host="h1", pid=10, job_id=job.id, started=True, now=now)
+        beat(session, "edge-a", node="a", role="edge", host="h1", pid=10, started=True, now=now)
+        beat(session, "a/worker-0", node="a", role="worker", host="h1", pid=11, job_id=job.id, started=True,
+             now=now - timedelta(seconds=120))
+        beat(session, "b/worker-0", node="b", role="worker", host="h2", pid=12, started=True, now=now)
+        stopped(session, "b/worker-0", now=now)
+    with db_sessions() as session:
+        rows = {w["id"]: w for w in queries.workers(session, lease_s=60, now=now)}
+    assert rows["edge-a"]["alive"] and rows["edge-a"]["role"] == "edge"
+    assert not rows["a/worker-0"]["alive"] and rows["a/worker-0"]["job_id"] == job.id  # silent past its lease
+    assert rows["a/worker-0"]["heartbeat_age_s"] == 120
+    assert not rows["b/worker-0"]["alive"] and rows["b/worker-0"]["stopped_at"] is not None
+    with db_sessions.begin() as session:
+        session.get(Job, job.id).state = "done"  # finished since that heartbeat
+    with db_sessions() as session:
+        rows = {w["id"]: w for w in queries.workers(session, lease_s=60, now=now)}
+    assert rows["a/worker-0"]["job_id"] is None

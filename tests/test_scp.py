@@ -28,15 +28,15 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicomnode.errors import DicomInputError
-from dicomnode.scp import (
+from dicomnode.dataset_checks import (
     CANNOT_UNDERSTAND,
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-    DUPLICATE_SOP_INSTANCE,
     INVALID_UID,
     OUT_OF_RESOURCES,
     check_complete,
 )
+from dicomnode.errors import DicomInputError
+from dicomnode.scp import DUPLICATE_SOP_INSTANCE
 from dicomnode.scu import send
 from storage.models import Instance
 from tests.dicom_nodes import AE_TITLE, CALLING, Node, dcmtk_run, node_factory, pydicom_file, wait_until

@@ -117,3 +117,24 @@ def test_unrecorded_state_values_are_refused_before_the_database(db_engine: Engi
         Job(state="finished")
     with pytest.raises(ValueError, match="'copied'"):
         Instance(origin="copied")
+
+
+def test_postgresql_url_as_documented_gets_an_installed_driver() -> None:
+    """README and the shipped config write ``postgresql://``; SQLAlchemy 2.1 maps that to psycopg 3,
+    which need not be installed. The engine must still work with the URL as written."""
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
+    from storage.db import with_installed_driver
+
+    url = with_installed_driver(make_url("postgresql://u:p@db:5432/node"))
+    driver = url.get_dialect().driver
+    assert importlib.util.find_spec(driver) is not None, f"{driver} is not installed"
+    assert url.render_as_string(hide_password=False).endswith("u:p@db:5432/node")
+    named = make_url("postgresql+psycopg2://u@db/node")
+    assert with_installed_driver(named) is named
+    assert with_installed_driver(make_url("sqlite:///x.db")).drivername == "sqlite"
+    engine = make_engine("postgresql://u@db/node")  # no connection is made here
+    assert importlib.util.find_spec(engine.dialect.driver) is not None
+    engine.dispose()

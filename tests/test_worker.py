@@ -144,3 +144,87 @@ def test_each_worker_of_several_takes_its_own_gpu() -> None:
     assert worker_device(torch.device("cuda"), None) == torch.device("cuda")  # a single worker
     assert worker_device(torch.device("cuda", 0), 1) == torch.device("cuda", 0)  # explicit cuda:0 kept
     assert worker_device(torch.device("cpu"), 1) == torch.device("cpu")
+
+
+def test_stat_rule_jobs_are_claimed_before_older_routine_ones(tmp_path: Path, tiny_pixel_model_dir: Path) -> None:
+    path = node_config(
+        tmp_path, port=11112, model=tiny_pixel_model_dir, pacs_port=None, settle_s=0, azimuths="[30]"
+    )
+    text = path.read_text()
+    stat_rule = text[text.index("[[rules]]") :].replace('name = "chest"', 'name = "chest-stat"')
+    path.write_text(text.replace('modalities = ["CR", "DX"]', 'modalities = ["CR"]', 1)
+                    + stat_rule.replace('modalities = ["CR", "DX"]', 'modalities = ["DX"]') + 'priority = "stat"\n')
+    settings = load_settings(path)
+    assert [r.queue_priority for r in settings.rules] == [0, 20]
+    routine = receive(settings, chest())
+    dx = chest()
+    dx.Modality = "DX"
+    stat = receive(settings, dx)
+    from storage.jobs import claim_next_job
+
+    worker = SynthesisWorker(settings, "test-worker")
+    first = claim_next_job(worker.sessions, "test-worker", utcnow() + timedelta(seconds=1))
+    assert first is not None and first.input_instance_id == stat and first.priority == 20
+    second = claim_next_job(worker.sessions, "test-worker", utcnow() + timedelta(seconds=1))
+    assert second is not None and second.input_instance_id == routine
+
+
+def _batching_site(folder: Path, model: Path) -> Settings:
+    folder.mkdir()
+    path = node_config(folder, port=11112, model=model, pacs_port=None, settle_s=0, azimuths="[-30, 30, 90]")
+    path.write_text(path.read_text().replace("max_attempts = 3", "max_attempts = 3\nmax_jobs_per_batch = 4"))
+    return load_settings(path)
+
+
+def _derived_pixels(worker: SynthesisWorker) -> dict[str, bytes]:
+    with worker.sessions() as session:
+        rows = session.query(Instance).filter_by(origin="derived").all()
+        return {r.sop_instance_uid: worker.store.open_dataset(r.path).PixelData for r in rows}
+
+
+def test_jobs_denoised_together_give_the_same_pixels_as_alone(
+    tmp_path: Path, tiny_pixel_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="dicomnode.worker")
+    inputs = [chest(generate_uid()), chest(generate_uid())]
+    together = _batching_site(tmp_path / "together", tiny_pixel_model_dir)
+    for ds in inputs:
+        receive(together, ds)
+    worker = SynthesisWorker(together, "batch-worker")
+    assert worker.run_once() is True  # claims both, denoises six views together
+    with worker.sessions() as session:
+        assert [j.state for j in session.query(Job)] == ["done", "done"]
+    assert "denoised together" in caplog.text
+    batched = _derived_pixels(worker)
+
+    alone = _batching_site(tmp_path / "alone", tiny_pixel_model_dir)
+    single = SynthesisWorker(alone, "batch-worker")
+    for ds in inputs:
+        receive(alone, ds)
+        assert single.run_once() is True and single.run_once() is False
+    assert len(batched) == 6 and _derived_pixels(single) == batched, "bit-identical, alone or together"
+
+
+def test_a_worker_whose_job_moved_writes_nothing_and_does_not_crash(
+    tmp_path: Path, tiny_pixel_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from storage.jobs import claim_jobs, lease_of, requeue_running_jobs
+
+    settings = settings_for(tmp_path, tiny_pixel_model_dir)
+    receive(settings, chest())
+    worker = SynthesisWorker(settings, "slow-worker")
+    [job] = claim_jobs(worker.sessions, "slow-worker")
+    worker.leases = {job.id: lease_of(job)}
+    with worker.sessions.begin() as session:  # meanwhile the node restarted, or an operator moved it
+        assert requeue_running_jobs(session, claimed_by="slow-worker") == 1
+    files_before = sorted(p for p in settings.node.storage_dir.rglob("*.dcm"))
+    worker._run_job(job)  # synthesises, then finds at the fence that the job is no longer its own
+    assert "dropped by slow-worker" in caplog.text
+    with worker.sessions() as session:
+        row = session.get_one(Job, job.id)
+        assert row.state == "queued" and row.attempts == 0
+        assert session.query(Output).count() == 0 and session.query(Delivery).count() == 0
+    assert sorted(p for p in settings.node.storage_dir.rglob("*.dcm")) == files_before, "no output file written"
+    assert worker.run_once() is True  # the next claim is a fresh lease: the job now runs normally
+    with worker.sessions() as session:
+        assert session.get_one(Job, job.id).state == "done"

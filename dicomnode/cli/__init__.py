@@ -17,6 +17,7 @@ from dicomnode import __version__
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import ConfigError, NodeError
 from dicomnode.log_config import quiet_libraries
+from dicomnode.log_escape import SingleLineMessages
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_libraries(show=verbosity >= 2)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(SingleLineMessages())  # no peer-sent value can forge a log line
 
 
 def main(argv: Sequence[str] | None = None) -> int:

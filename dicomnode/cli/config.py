@@ -70,7 +70,13 @@ def summary(settings: Settings) -> list[str]:
     login = " and ".join(k for k, v in (("token", http.api_token), ("user", http.username)) if v) or "none (loopback)"
     console = f"http{'s' if http.tls else ''}://{http.bind_address}:{http.port}/, login {login}"
     lines.insert(5, f"console: {console if http.enabled else 'off'}")
-    lines += [f"  {p.name}: {p.ae_title} at {p.host}:{p.port}{' (TLS)' if p.tls else ''}" for p in settings.peers]
+    lines += [
+        f"  {p.name}: STOW-RS {p.url}"
+        if p.kind == "dicomweb"
+        else f"  {p.name}: {p.ae_title} at {p.host}:{p.port}{' (TLS)' if p.tls else ''}"
+        f"{' (storage commitment)' if p.storage_commitment else ''}"
+        for p in settings.peers
+    ]
     lines.append(f"rules: {len(settings.rules)}")
     for rule in settings.rules:
         angles = ", ".join(f"{az:g}" if not el else f"{az:g}/{el:g}" for az, el in rule.views)

@@ -44,9 +44,12 @@ def resolve_peer(args: argparse.Namespace, settings: Settings) -> PeerSettings:
         raise ValueError("give a peer name or --host/--port/--called-ae, not both")
     if args.peer:
         try:
-            return settings.peer(args.peer)
+            peer = settings.peer(args.peer)
         except KeyError as e:
             raise LookupError(e.args[0]) from e
+        if peer.kind != "dimse":
+            raise ValueError(f"peer {peer.name} is a {peer.kind} peer; this command speaks DIMSE")
+        return peer
     if any(v is None for v in adhoc):
         raise ValueError("name a configured peer, or give all of --host, --port and --called-ae")
     return PeerSettings(name="adhoc", ae_title=args.called_ae, host=args.host, port=args.port, tls=args.tls)

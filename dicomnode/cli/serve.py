@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bind-address", help="override node.bind_address")
     p.add_argument("--http-port", type=int, help="override http.port (the operator console)")
     p.add_argument("--worker-grace", type=float, default=60.0, help="seconds a worker may finish its job at stop")
+    p.add_argument(
+        "--role",
+        choices=["all", "edge", "worker"],
+        help="override node.role: all = everything; edge = SCP, intake, delivery; worker = synthesis only",
+    )
     p.set_defaults(func=run)
 
 
@@ -39,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             "node.port": args.port,
             "node.bind_address": args.bind_address,
             "http.port": args.http_port,
+            "node.role": args.role,
         },
     )
     if args.verbose == 0:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from dicomnode.console import audit, queries
+from dicomnode.console import audit
 from dicomnode.console.state import ConsoleContext
 from dicomnode.errors import DeliveryError, StorageError
-from storage.deliveries import resend
+from storage.deliveries import resend, resend_failed
 from storage.jobs import retry_job
 
 
@@ -50,9 +50,7 @@ def resend_delivery(ctx: ConsoleContext, who: tuple[str, str | None], delivery_i
 def resend_all_failed(ctx: ConsoleContext, who: tuple[str, str | None]) -> dict[str, Any]:
     """Queue every failed delivery again."""
     with ctx.sessions.begin() as session:
-        ids = queries.delivery_ids(session, "failed")
-        for delivery_id in ids:
-            resend(session, delivery_id)
+        ids = resend_failed(session)  # recalled instances are left alone
     _audit(ctx, who, "delivery.resend_failed", "all failed deliveries", "ok", ids=ids)
     return {"resent": ids}
 

@@ -92,15 +92,36 @@ def latest_model_identity(session: Session) -> str | None:
     return session.scalar(select(Output.model_identity).order_by(Output.id.desc()).limit(1))
 
 
-def workers(session: Session, worker_ids: list[str]) -> list[dict[str, Any]]:
-    """Per worker id: the job it holds and when it last claimed one (its heartbeat, for now)."""
+def workers(session: Session, lease_s: float, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Every node process and synthesis worker sharing the database, from its heartbeat row.
+
+    ``alive``: not stopped and a heartbeat within ``lease_s`` (after that its leases run out and
+    its work is reclaimed by others). ``job_id``: the job its last heartbeat named, while running.
+    """
+    from storage.heartbeats import list_workers
+
+    now = now or utcnow()
+    found = list_workers(session)
+    held = [w.job_id for w in found if w.job_id is not None]
+    running = set(session.scalars(select(Job.id).where(Job.id.in_(held), Job.state == "running"))) if held else set()
     rows = []
-    for worker_id in worker_ids:
-        running = session.execute(
-            select(Job.id, Job.claimed_at).where(Job.claimed_by == worker_id, Job.state == "running").limit(1)
-        ).first()
-        last_claim = session.scalar(select(func.max(Job.claimed_at)).where(Job.claimed_by == worker_id))
-        rows.append({"id": worker_id, "job_id": running.id if running else None, "last_claim": last_claim})
+    for w in found:
+        age = (now - w.heartbeat_at).total_seconds()
+        rows.append(
+            {
+                "id": w.worker_id,
+                "node": w.node,
+                "role": w.role,
+                "host": w.host,
+                "pid": w.pid,
+                "started_at": w.started_at,
+                "heartbeat_at": w.heartbeat_at,
+                "heartbeat_age_s": round(age, 1),
+                "job_id": w.job_id if w.stopped_at is None and w.job_id in running else None,
+                "stopped_at": w.stopped_at,
+                "alive": w.stopped_at is None and age <= lease_s,
+            }
+        )
     return rows
 
 

@@ -42,19 +42,12 @@ class ConsoleServer:
         def scp_listening() -> bool:
             return node.scp is not None and node.scp.listening
 
-        def workers_alive() -> dict[str, bool]:
-            pool = node.pool
-            if pool is None:
-                return {}
-            return {w: bool(pool.processes.get(w) and pool.processes[w].is_alive()) for w in pool.worker_ids()}
-
         ctx = ConsoleContext(
             settings=settings,
             sessions=node.sessions,
             store=store,
             scp_listening=scp_listening,
             model_problem=lambda: model_problem(settings),
-            workers_alive=workers_alive,
         )
         ctx.registry, scp_metrics = build_registry(node.sessions, store, job_states, ctx.model_identity)
         if node.scp is not None:

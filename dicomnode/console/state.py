@@ -1,7 +1,7 @@
 """What the console knows about the node it runs in, and the two summaries built from it.
 
 :class:`ConsoleContext` is handed to every route: settings, database sessions, the store and a
-few callables into the running node (is the SCP listening, which workers are alive). Built by
+few callables into the running node (is the SCP listening, what the model lacks). Built by
 :class:`dicomnode.console.server.ConsoleServer` from a :class:`dicomnode.node.Node`, or by tests.
 """
 
@@ -26,10 +26,6 @@ from storage.store import InstanceStore
 SECRET_KEYS = ("api_token", "password_hash", "tls_private_key")
 
 
-def _nothing_alive() -> dict[str, bool]:
-    return {}
-
-
 @dataclass
 class ConsoleContext:
     settings: Settings
@@ -37,7 +33,6 @@ class ConsoleContext:
     store: InstanceStore
     scp_listening: Callable[[], bool]
     model_problem: Callable[[], str | None]
-    workers_alive: Callable[[], dict[str, bool]] = _nothing_alive
     registry: CollectorRegistry | None = None
     started_at: datetime = field(default_factory=utcnow)
     hostname: str = field(default_factory=socket.gethostname)
@@ -56,11 +51,8 @@ class ConsoleContext:
 def overview(ctx: ConsoleContext) -> dict[str, Any]:
     """Node, workers, model, queue depth, last 24 h, storage and recent errors."""
     s = ctx.settings
-    alive = ctx.workers_alive()
     with ctx.sessions() as session:
-        workers = queries.workers(session, list(alive))
-        for worker in workers:
-            worker["alive"] = alive.get(worker["id"], False)
+        workers = queries.workers(session, s.scheduler.lease_s)
         jobs = queries.counts_by_state(session, Job.state)
         deliveries = queries.counts_by_state(session, Delivery.state)
         day = queries.last_24h(session)

@@ -1,7 +1,7 @@
 """Operator console: the audit table of operator actions.
 
-Revision ID: 0004_console
-Revises: 0003_recall
+Revision ID: 0006_console
+Revises: 0005_queue
 Create Date: 2026-11-30
 
 Written out in full rather than imported from storage.models (see 0001).
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_console"
-down_revision: str | None = "0003_recall"
+revision: str = "0006_console"
+down_revision: str | None = "0005_queue"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,30 @@
+"""The engine benchmark runs on the CPU with the tiny architecture and prints its table."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_benchmark_prints_public_eager_and_compiled_rows() -> None:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "synthesis.py"), "--quick", "--resolutions", "32", "--views", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "SPEED TEST with random weights" in out
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"tiny32 (public|eager|compiled) .*", out)}
+    assert set(rows) == {"public", "eager", "compiled"}, out
+    for row in rows.values():
+        fields = row.split()
+        assert fields[-1] == "yes"  # finite pixels
+        views, total, per_view = int(fields[-10]), float(fields[-9]), float(fields[-8])
+        floor_s, x_floor = float(fields[-5]), float(fields[-4])
+        assert views == 4 and total > 0 and abs(per_view * 4 - total) < 1e-3 * max(1, total) + 4e-4
+        assert floor_s > 0 and abs(total / floor_s - x_floor) <= 0.01 * x_floor + 0.01
+    # The compiled path gives the eager path's pixels (the same seeds, views and weights).
+    assert float(rows["compiled"].split()[-2]) <= 1e-5
+    assert re.search(r"goal tiny32: compiled 4 views = [\d.]+ x floor", out)
