@@ -131,7 +131,7 @@ def test_status_lists_nodes_workers_heartbeats_and_quarantine(
     quarantined = config.parent / "var" / "quarantine" / "2026" / "lost.dcm"
     quarantined.parent.mkdir(parents=True)
     quarantined.write_bytes(b"DICM")
-    assert main(["status", "--config", str(config)]) == ExitCode.OK
+    assert main(["status", "--config", str(config)]) == ExitCode.PEER_UNREACHABLE  # no node runs: status says so
     out = capsys.readouterr().out
     edge_line = next(line for line in out.splitlines() if "edge-1/node" in line)
     worker_line = next(line for line in out.splitlines() if "gpu-1/worker-0" in line)

@@ -98,6 +98,9 @@ backoff_initial_s = 0.5
 backoff_max_s = 2
 lease_s = 5
 
+[http]
+port = {free_port()}
+
 [[peers]]
 name = "pacs"
 ae_title = "ORTHANC"
