@@ -78,10 +78,14 @@ def test_sweep_is_valid_ordered_by_angle_and_marked_like_the_views(tmp_path: Pat
         assert back.get(keyword) == first.get(keyword), keyword
     device_uids = {item.get("DeviceUID") for item in back.ContributingEquipmentSequence}
     assert GENERATOR.device_uid in device_uids
-    # One window spans every frame.
-    low = float(back.WindowCenter) - 0.5 - (float(back.WindowWidth) - 1) / 2
-    high = float(back.WindowCenter) - 0.5 + (float(back.WindowWidth) - 1) / 2
-    assert low <= min(int(p.min()) for p in pixels) and high >= max(int(p.max()) for p in pixels)
+    # One window spans every frame's own window (each view's window shows its body, not its full range).
+    def bounds(ds: pydicom.Dataset) -> tuple[float, float]:
+        center, width = float(ds.WindowCenter), float(ds.WindowWidth)
+        return center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+
+    low, high = bounds(back)
+    assert low <= min(bounds(v)[0] for v in views) and high >= max(bounds(v)[1] for v in views)
+    assert high - low < 4095, "the sweep's window is the views' windows, not the whole 12-bit range"
 
 
 def test_sweep_uids_are_deterministic_and_distinct_from_the_views(tmp_path: Path) -> None:
