@@ -7,12 +7,10 @@ for its status, its log line and its database row, and for leaving nothing behin
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +20,6 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
@@ -40,6 +37,7 @@ from dicomnode.scp import DUPLICATE_SOP_INSTANCE
 from dicomnode.scu import send
 from storage.models import Instance
 from tests.dicom_nodes import AE_TITLE, CALLING, Node, dcmtk_run, node_factory, pydicom_file, wait_until
+from tests.raw_dicom import raw_store
 
 # Real files shipped by pydicom-data, with the storescu option that proposes their own transfer syntax:
 # storescu proposes uncompressed syntaxes only unless told (-xv JPEG 2000 lossless, -xs JPEG lossless,
@@ -85,40 +83,17 @@ def storescu(node: Node, *files: Path, options: tuple[str, ...] = ()) -> subproc
 @contextmanager
 def raw_association(node: Node, sop_class: str) -> Iterator[Callable[[str, bytes], Dataset]]:
     """An association on which the test sends hand-made C-STORE requests with arbitrary bytes."""
-    ae = AE(ae_title=CALLING)
-    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
-    assert assoc.is_established
-    context_id = int(assoc.accepted_contexts[0].context_id or 0)
-    message_id = iter(range(1, 1000))
+    with raw_store(node.port, sop_class) as store:
 
-    def store(sop_instance_uid: str, body: bytes) -> Dataset:
-        req = C_STORE()
-        req.MessageID = next(message_id)
-        req.AffectedSOPClassUID = sop_class
-        req.AffectedSOPInstanceUID = sop_instance_uid
-        req.Priority = 2
-        req.DataSet = io.BytesIO(body)
-        # Pause the requestor's reactor as send_c_store does, so it cannot take our response.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        try:
-            assoc.dimse.send_msg(req, context_id)
-            _, rsp = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
-        assert rsp is not None, "no C-STORE response"
-        status = Dataset()
-        status.Status = rsp.Status
-        if rsp.ErrorComment:
-            status.ErrorComment = rsp.ErrorComment
-        return status
+        def as_status(sop_instance_uid: str, body: bytes) -> Dataset:
+            code, comment = store(sop_instance_uid, body)
+            status = Dataset()
+            status.Status = code
+            if comment:
+                status.ErrorComment = comment
+            return status
 
-    try:
-        yield store
-    finally:
-        assoc.release()
+        yield as_status
 
 
 def body_of(path: Path) -> bytes:
