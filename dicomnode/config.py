@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from dicomnode.aetitle import validate_ae_title
 from dicomnode.errors import ConfigError
+from dicomnode.model_location import resolve_model
 from dicomnode.rules import Rule, SkipDerived
 from dicomnode.vr import MAX_LENGTH, SERIES_DESCRIPTION_PREFIX_MAX, code_string_problem, string_problem
 
@@ -595,7 +596,8 @@ _SECTIONS: dict[str, type] = {
 }
 _LISTS: dict[str, type] = {"peers": PeerSettings, "rules": Rule}
 # Defaults for the two required paths when the file leaves them out (relative to the file's folder).
-_PATH_DEFAULTS = {("node", "storage_dir"): "var", ("engine", "model"): "models/demo"}
+# engine.model defaults to the packaged demo model, wherever the file is (unless it has a folder "demo").
+_PATH_DEFAULTS = {("node", "storage_dir"): "var", ("engine", "model"): "demo"}
 
 
 def _is_path(hint: Any) -> bool:
@@ -615,6 +617,8 @@ def _resolve(key: str, value: object, base: Path) -> object:
         raise ConfigError(f"{key}: must be a path string, got {value!r}")
     if str(value) == "":
         return ""
+    if key == "engine.model":  # a packaged model's name ("demo") or a folder (dicomnode.model_location)
+        return resolve_model(value, base)
     return (base / Path(value).expanduser()).resolve()
 
 

@@ -37,6 +37,7 @@ from dicomnode.derived_sweep import build_sweep_instance
 from dicomnode.errors import InputRefused, ModelLoadError, NodeError, is_permanent
 from dicomnode.gate import check_intended_input, check_score, model_meta_for
 from dicomnode.log_config import quiet_libraries
+from dicomnode.model_location import model_waiting_reason
 from dicomnode.rules import facts_from_dataset, loop_reason
 from storage.db import make_engine, session_factory
 from storage.deliveries import DeliveryTarget, create_deliveries
@@ -136,7 +137,7 @@ class SynthesisWorker:
             return False
         self.leases = {job.id: lease_of(job) for job in jobs}
         try:
-            if len(jobs) > 1 and self.settings.engine.model.is_dir():
+            if len(jobs) > 1 and not model_waiting_reason(self.settings.engine.model):
                 self._batched = self._synthesize_together(jobs)
             for job in jobs:
                 self._run_job(job)
@@ -149,11 +150,10 @@ class SynthesisWorker:
         log = logging.LoggerAdapter(logger, {"job": job.id})
         try:
             self._beat()  # status shows the job in hand at once
-            if not self.settings.engine.model.is_dir():
+            if reason := model_waiting_reason(self.settings.engine.model):  # missing, or no model_index.json yet
                 with self.sessions.begin() as session:
-                    reason = f"model folder {self.settings.engine.model} does not exist"
                     wait_for_model(session, job.id, reason, lease=self.lease)
-                log.warning("job %d waits: model folder %s does not exist", job.id, self.settings.engine.model)
+                log.warning("job %d waits: %s", job.id, reason)
                 return
             try:
                 self.process(job.id)

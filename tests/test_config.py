@@ -335,7 +335,7 @@ def test_relative_paths_resolve_against_config_folder(tmp_path: Path, monkeypatc
 
 def test_omitted_paths_default_next_to_the_file(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, MINIMAL.replace('storage_dir = "data"', "port = 104")), env={})
-    assert s.node.storage_dir == tmp_path / "var" and s.engine.model == tmp_path / "models" / "demo"
+    assert s.node.storage_dir == tmp_path / "var" and s.engine.model == REPO / "models" / "demo"  # the packaged one
     assert s.node.port == 104
 
 
@@ -367,10 +367,12 @@ def test_config_check_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "s3cret" not in out and "postgresql://svdrr:***@db:5432/node" in out
     assert "AE SVDRR on 127.0.0.1:11112" in out and f"storage: {tmp_path / 'data'}" in out
     assert "pacs: ORTHANC at 127.0.0.1:4242" in out and "chest: 2 views [-30, 30] -> pacs" in out
-    assert f"model: {tmp_path / 'models' / 'demo'} (missing)" in out
-    (tmp_path / "models" / "demo").mkdir(parents=True)
+    assert f"model: {REPO / 'models' / 'demo'} (found)" in out  # engine.model left out: the packaged demo
+    # A model folder that exists without model_index.json is one still to come: synthesis waits for it.
+    (tmp_path / "models" / "next").mkdir(parents=True)
+    write(tmp_path, text + '\n[engine]\nmodel = "models/next"\n')
     assert run_check(["config", "check", "-c", str(tmp_path / "site.toml")]) == ExitCode.OK
-    assert "(found)" in capsys.readouterr().out
+    assert f"model: {tmp_path / 'models' / 'next'} (no model_index.json yet)" in capsys.readouterr().out
 
 
 def test_config_check_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

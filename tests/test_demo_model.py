@@ -78,7 +78,7 @@ def test_readme_tour_with_the_shipped_configuration(tmp_path: Path) -> None:
     text = (ROOT / "config" / "dicomnode.toml").read_text()
     text = text.replace("port = 11112", f"port = {port}").replace("port = 4242", f"port = {orthanc.dicom_port}")
     text = text.replace('storage_dir = "../var"', f'storage_dir = "{tmp_path / "var"}"')
-    text = text.replace('model = "../models/demo"', f'model = "{DEMO}"')
+    assert 'model = "demo"' in text  # the packaged demo model, found from this copy outside the checkout too
     text = text.replace("settle_s = 5.0", "settle_s = 0.5")
     config = tmp_path / "dicomnode.toml"
     config.write_text(text)

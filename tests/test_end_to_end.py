@@ -186,8 +186,11 @@ def test_hard_kill_with_queued_jobs_then_restart_completes_everything(
 
 
 def test_missing_model_still_receives_and_queues(tmp_path: Path) -> None:
+    """A model folder still to come (it exists, no model_index.json yet): receive, store, queue, wait.
+    A folder that does not exist at all is a configuration error (tests/test_model_location.py)."""
     port = free_port()
-    config = node_config(tmp_path, port=port, model=tmp_path / "no-model-here", pacs_port=None, settle_s=0)
+    (tmp_path / "model-to-come").mkdir()
+    config = node_config(tmp_path, port=port, model=tmp_path / "model-to-come", pacs_port=None, settle_s=0)
     node = NodeProcess(config, port, tmp_path / "node.log").start()
     try:
         (cr,) = chest_cr(tmp_path)

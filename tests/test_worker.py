@@ -96,6 +96,17 @@ def test_missing_model_parks_the_job(tmp_path: Path) -> None:
         assert job.state == "waiting_model" and "does not exist" in job.last_error and job.attempts == 0
 
 
+def test_a_model_folder_still_to_come_parks_the_job(tmp_path: Path) -> None:
+    (tmp_path / "model-to-come").mkdir()  # the site made the folder; model_index.json is not there yet
+    settings = settings_for(tmp_path, tmp_path / "model-to-come")
+    receive(settings, chest())
+    worker = SynthesisWorker(settings, "w")
+    assert worker.run_once() is True
+    with worker.sessions() as session:
+        job = session.query(Job).one()
+        assert job.state == "waiting_model" and "no model_index.json" in job.last_error and job.attempts == 0
+
+
 def test_failures_back_off_then_fail(tmp_path: Path, tiny_pixel_model_dir: Path) -> None:
     settings = settings_for(tmp_path, tiny_pixel_model_dir)
     receive(settings, chest())

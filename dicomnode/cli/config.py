@@ -15,6 +15,7 @@ from typing import TextIO
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.config import CONFIG_ENV, DEFAULT_CONFIG, Settings, load_settings, mask_database_url
 from dicomnode.errors import ConfigError
+from dicomnode.model_location import model_path_error, model_waiting_reason
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def summary(settings: Settings) -> list[str]:
         f"TLS {'on' if security.tls_enabled else 'off'}, calling AEs allowed: {allowed}",
         f"storage: {node.storage_dir}",
         f"database: {mask_database_url(node.effective_database_url)}",
-        f"model: {engine.model} ({'found' if engine.model.is_dir() else 'missing'}), "
+        f"model: {engine.model} ({'no model_index.json yet' if model_waiting_reason(engine.model) else 'found'}), "
         f"device {engine.device}, dtype {engine.dtype}, {engine.steps} steps",
         f"peers: {len(settings.peers)}",
     ]
@@ -90,6 +91,8 @@ def check_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Load the configuration named by ``args.config``; print a summary (0) or the error (CONFIG)."""
     try:
         settings = load_settings(args.config)
+        if problem := model_path_error(settings.engine.model):  # a path naming nothing is a typo, not "missing"
+            raise ConfigError(f"{problem} (in {settings.source})")
     except ConfigError as e:
         print(f"dicomnode: configuration error: {e}", file=sys.stderr)
         return ExitCode.CONFIG

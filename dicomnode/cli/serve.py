@@ -8,6 +8,8 @@ import logging
 from dicomnode.cli.common import settings_from
 from dicomnode.cli.config import add_config_argument
 from dicomnode.cli.exitcodes import ExitCode
+from dicomnode.errors import ConfigError
+from dicomnode.model_location import model_path_error
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
             "node.role": args.role,
         },
     )
+    role = settings.node.role
+    if role != "edge" and (problem := model_path_error(settings.engine.model)):  # edges run no synthesis
+        raise ConfigError(f"{problem} (in {settings.source})")
     if args.verbose == 0:
         logging.getLogger().setLevel(logging.INFO)  # a server says what it does by default
     Node(settings, worker_grace_s=args.worker_grace).serve_forever()

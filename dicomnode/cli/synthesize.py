@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from dicomnode.cli.common import accept_negative_lists, degrees
 from dicomnode.cli.exitcodes import ExitCode
-from dicomnode.errors import DicomInputError
+from dicomnode.errors import DicomInputError, ModelLoadError
+from dicomnode.model_location import resolve_model
+from synthesis.model_meta import ModelMeta, ModelMetaError, load_model_meta
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +26,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("input", type=Path, help="DICOM file of a PA radiograph")
-    p.add_argument("--model", type=Path, required=True, help="model folder in the published SV-DRR layout")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help='model folder in the published SV-DRR layout, or "demo": the demonstration model shipped with the package',
+    )
     p.add_argument("--azimuths", type=degrees, default=[-60.0, -30.0, 30.0, 60.0], help="degrees, comma-separated")
     p.add_argument("--elevations", type=degrees, default=[], help="degrees, one per azimuth (default all 0)")
-    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=int, help="DPM-Solver++ steps (default: the model's recommended)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale, 1 = off (default: the model's recommended, dicomnode-model.json)",
+    )
     p.add_argument("--seed", type=int, default=0, help="request seed; each view's noise derives from it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
@@ -34,6 +46,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     accept_negative_lists(p)
     p.set_defaults(func=run)
+
+
+def _origin(given: object, meta: ModelMeta) -> str:
+    if given is not None:
+        return "given"
+    return f"recommended by {meta.source}" if meta.source else "SV-DRR default: the model has no dicomnode-model.json"
+
+
+def elevation_problem(elevations: Sequence[float], meta: ModelMeta) -> str | None:
+    """Why the requested elevations are outside what the model was trained on, or None.
+
+    A view at an elevation the model never learned would still be labelled with that elevation:
+    refuse it, as the node does (``dicomnode.gate``), rather than write a mislabelled view.
+    """
+    low, high = meta.intended.elevation_range
+    outside = sorted({float(e) for e in elevations if not low <= float(e) <= high})
+    if not outside:
+        return None
+    shown = ", ".join(f"{e:g}" for e in outside)
+    trained = f"only at elevation {low:g}" if low == high else f"at elevations {low:g}..{high:g} degrees"
+    return (
+        f"elevation {shown} requested, but the model was trained {trained} "
+        f"({meta.source or 'its defaults'}); it would label views it never learned"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,19 +80,30 @@ def run(args: argparse.Namespace) -> int:
     from synthesis.pipeline import SvdrrPipeline
     from synthesis.radiograph import prepare_radiograph, restore_views
 
+    model = resolve_model(args.model, Path.cwd())
+    try:
+        meta = load_model_meta(model)
+    except ModelMetaError as e:
+        raise ModelLoadError(str(e)) from e
+    if problem := elevation_problem(args.elevations, meta):
+        print(f"dicomnode: refused: {problem}", file=sys.stderr)
+        return ExitCode.USAGE
+    steps = args.steps if args.steps is not None else meta.steps
+    guidance = args.guidance if args.guidance is not None else meta.guidance_scale
+    print(f"steps {steps} ({_origin(args.steps, meta)}), guidance {guidance:g} ({_origin(args.guidance, meta)})")
     try:
         ds = pydicom.dcmread(args.input)
     except (OSError, pydicom.errors.InvalidDicomError) as e:
         raise DicomInputError(f"cannot read {args.input} as DICOM: {e}") from e
     device = resolve_device(args.device)
-    pipe = SvdrrPipeline.from_pretrained(args.model, torch_dtype=resolve_dtype(args.dtype, device), device=device)
+    pipe = SvdrrPipeline.from_pretrained(model, torch_dtype=resolve_dtype(args.dtype, device), device=device)
     prepared = prepare_radiograph(ds, pipe.resolution)
     out = pipe(
         prepared.image,
         azimuths=args.azimuths,
         elevations=args.elevations,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         generator=args.seed,
         max_batch=args.max_batch,
     )
