@@ -111,3 +111,14 @@ def test_synthesize_refuses_elevations_the_model_never_learned(tmp_path: Path, c
     assert "elevation 15 requested" in err and "trained only at elevation 0" in err, err
     assert str(DEMO / "dicomnode-model.json") in err
     assert not out.exists()  # nothing written, no view labelled with an elevation it never learned
+
+
+def test_config_check_says_which_rule_elevations_the_model_never_learned(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    text = SITE.format(model="demo") + '\n[[rules]]\nname = "tilt"\nazimuths = [-30, 30]\nelevations = [0, 20]\n'
+    (tmp_path / "site.toml").write_text(text, encoding="utf-8")
+    assert main(["config", "check", "--config", str(tmp_path / "site.toml")]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "tilt: 2 views [-30, 30/20]" in out
+    assert "elevation 20 is outside the model's trained range 0..0: jobs refused" in out, out

@@ -16,6 +16,7 @@ from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.config import CONFIG_ENV, DEFAULT_CONFIG, Settings, load_settings, mask_database_url
 from dicomnode.errors import ConfigError
 from dicomnode.model_location import model_path_error, model_waiting_reason
+from synthesis.model_meta import ModelMetaError, load_model_meta
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -79,12 +80,25 @@ def summary(settings: Settings) -> list[str]:
         for p in settings.peers
     ]
     lines.append(f"rules: {len(settings.rules)}")
+    low, high = _trained_elevations(engine.model)
     for rule in settings.rules:
         angles = ", ".join(f"{az:g}" if not el else f"{az:g}/{el:g}" for az, el in rule.views)
         where = ", ".join(rule.destinations) or "store only"
         state = "" if rule.enabled else " (disabled)"
         lines.append(f"  {rule.name}{state}: {len(rule.views)} views [{angles}] -> {where}")
+        untrained = sorted({el for _, el in rule.views if not low <= el <= high})
+        if untrained:  # the gate refuses these jobs (dicomnode.gate): say so before the first one arrives
+            shown = ", ".join(f"{el:g}" for el in untrained)
+            lines.append(f"    elevation {shown} is outside the model's trained range {low:g}..{high:g}: jobs refused")
     return lines
+
+
+def _trained_elevations(model: Path) -> tuple[float, float]:
+    """The elevations the model was trained on (dicomnode-model.json); a malformed file shows no limit here."""
+    try:
+        return load_model_meta(model).intended.elevation_range
+    except ModelMetaError:
+        return (-90.0, 90.0)
 
 
 def check_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
