@@ -100,6 +100,7 @@ delivery_max_attempts = {max_attempts}
 {peers}
 """
     )
+    (folder / "no-model").mkdir(exist_ok=True)  # a model still to come: a missing folder fails config check
     settings = load_settings(config, env={})
     engine = make_engine(settings.node.effective_database_url)
     upgrade(engine)
