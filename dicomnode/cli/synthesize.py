@@ -33,11 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--azimuths", type=degrees, default=[-60.0, -30.0, 30.0, 60.0], help="degrees, comma-separated")
     p.add_argument("--elevations", type=degrees, default=[], help="degrees, one per azimuth (default all 0)")
-    p.add_argument("--steps", type=int, help="DPM-Solver++ steps (default: the model's recommended)")
+    # Unset (SUPPRESS): the model's recommended values from its dicomnode-model.json.
+    recommended = " (default: the model's recommended, from its dicomnode-model.json)"
+    p.add_argument("--steps", type=int, default=argparse.SUPPRESS, help="DPM-Solver++ steps" + recommended)
     p.add_argument(
         "--guidance",
         type=float,
-        help="classifier-free guidance scale, 1 = off (default: the model's recommended, dicomnode-model.json)",
+        default=argparse.SUPPRESS,
+        help="classifier-free guidance scale, 1 = off" + recommended,
     )
     p.add_argument("--seed", type=int, default=0, help="request seed; each view's noise derives from it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -88,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
     if problem := elevation_problem(args.elevations, meta):
         print(f"dicomnode: refused: {problem}", file=sys.stderr)
         return ExitCode.USAGE
-    steps = args.steps if args.steps is not None else meta.steps
-    guidance = args.guidance if args.guidance is not None else meta.guidance_scale
-    print(f"steps {steps} ({_origin(args.steps, meta)}), guidance {guidance:g} ({_origin(args.guidance, meta)})")
+    given_steps, given_guidance = getattr(args, "steps", None), getattr(args, "guidance", None)
+    steps = given_steps if given_steps is not None else meta.steps
+    guidance = given_guidance if given_guidance is not None else meta.guidance_scale
+    print(f"steps {steps} ({_origin(given_steps, meta)}), guidance {guidance:g} ({_origin(given_guidance, meta)})")
     try:
         ds = pydicom.dcmread(args.input)
     except (OSError, pydicom.errors.InvalidDicomError) as e:
