@@ -267,11 +267,15 @@ def render_dataset(
     device: str = "cpu",
     batch_size: int = 1,
     on_image: Callable[[IndexRow], None] | None = None,
+    postprocess: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    case_details: dict[str, Any] | None = None,
 ) -> Path:
     """Render (or finish rendering) one CT into ``out_dir``; returns the index path.
 
     ``views`` are the targets; PA is added as view 0. ``on_image`` is called after each image's
-    index row is durable (tests use it to interrupt a run).
+    index row is durable (tests use it to interrupt a run). ``postprocess(view_id, image)`` changes
+    each normalised image before it is written (a detector's blur and noise; it must return [0, 1]);
+    ``case_details`` are recorded with the case in dataset.json.
     """
     if not isinstance(augmentations, int) or augmentations < 0:
         raise SynthesisError(f"augmentations must be an integer >= 0, got {augmentations!r}")
@@ -299,6 +303,7 @@ def render_dataset(
             "source": volume.description,
             "credit": volume.credit,
             "augmentations": [None if a is None else a.to_dict() for a in augmentation_draws],
+            **(case_details or {}),
         },
     )
     _prepare_index(out_dir)
@@ -346,6 +351,7 @@ def render_dataset(
                 chunk = missing[start : start + batch_size]
                 images = renderer([(r.azimuth, r.elevation) for r in chunk], batch_size=batch_size)
                 for row, image in zip(chunk, images, strict=True):
-                    _write_atomically(out_dir / row.path, _png_bytes(image.numpy()))
+                    pixels = image.numpy() if postprocess is None else postprocess(row.view_id, image.numpy())
+                    _write_atomically(out_dir / row.path, _png_bytes(pixels))
                     record(row)
     return out_dir / INDEX_NAME

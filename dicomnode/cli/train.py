@@ -18,7 +18,7 @@ from dicomnode.errors import SynthesisError
 
 # The published recipe (svdrr-spec.md): 256 px then 512 then 1024, RES:STEPS:BATCH:LR.
 DEFAULT_STAGES = "256:200000:64:5e-6,512:100000:32:3e-6,1024:100000:8:1e-6"
-ARCHS = ("demo", "tiny-pixel", "tiny", "published")
+ARCHS = ("demo", "demo-v1", "tiny-pixel", "tiny", "published")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=1000, metavar="N", help="optimizer steps")
     p.add_argument("--hold-out-azimuths", default="", metavar="DEG,...", help="target azimuths not trained on")
     p.add_argument("--hold-out-augmentations", default="", metavar="N,...", help="augmented volumes not trained on")
+    p.add_argument("--hold-out-cases", default="", metavar="CASE,...", help="cases (patients) not trained on")
     p.add_argument(
         "--prediction-type",
         choices=["epsilon", "v_prediction"],
@@ -77,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"dicomnode train: model folder not found: {folder}", file=sys.stderr)
             return ExitCode.NOT_FOUND
 
-    from synthesis.architecture import demo, published, tiny
+    from synthesis.architecture import demo, demo_v1, published, tiny
     from synthesis.train import TrainConfig, parse_stages, train
-    from synthesis.training_data import all_of, exclude_augmentations, exclude_azimuths
+    from synthesis.training_data import all_of, exclude_augmentations, exclude_azimuths, exclude_cases
 
     try:
         stages = parse_stages(args.stages)
@@ -89,15 +90,18 @@ def run(args: argparse.Namespace) -> int:
             name = args.arch or "published"
             arch = {
                 "demo": lambda: demo(resolution),
+                "demo-v1": lambda: demo_v1(resolution),
                 "tiny-pixel": lambda: tiny(resolution, vae=False, clip=False),
                 "tiny": lambda: tiny(resolution),
                 "published": lambda: published(resolution),
             }[name]()
         held_out = [float(v) for v in args.hold_out_azimuths.split(",") if v.strip()]
         held_out_augs = [int(v) for v in args.hold_out_augmentations.split(",") if v.strip()]
+        held_out_cases = [v.strip() for v in args.hold_out_cases.split(",") if v.strip()]
         filters = ([exclude_azimuths(held_out)] if held_out else []) + (
             [exclude_augmentations(held_out_augs)] if held_out_augs else []
         )
+        filters += [exclude_cases(held_out_cases)] if held_out_cases else []
         config = TrainConfig(
             stages=stages,
             seed=args.seed,
