@@ -71,8 +71,9 @@ def pipeline_predictor(
             guidance_scale=guidance,
             generator=seed,
             max_batch=max_batch,
+            return_dict=False,
         )
-        return np.asarray(output.images, dtype=np.float32)
+        return np.asarray(output[0], dtype=np.float32)
 
     return predict
 
