@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from dicomnode.errors import SynthesisError
 from synthesis.drr_dataset import IndexRow, load_index
 from synthesis.metrics import psnr, ssim
 from synthesis.training_data import RowFilter, load_drr_image
+
+if TYPE_CHECKING:  # torch and diffusers load with the model, not with this module
+    from synthesis.pipeline import SvdrrPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +172,7 @@ def summarise(scores: Sequence[Score]) -> dict[str, MethodSummary]:
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def _groups(rows: Sequence[IndexRow], include: RowFilter | None) -> list[tuple[IndexRow, list[IndexRow]]]:
+def target_groups(rows: Sequence[IndexRow], include: RowFilter | None) -> list[tuple[IndexRow, list[IndexRow]]]:
     """(PA row, selected target rows) per (case, augmentation) in index order; empty groups dropped."""
     pa = {(r.case, r.augmentation): r for r in rows if r.view_id == 0}
     targets: dict[tuple[str, int], list[IndexRow]] = {}
@@ -181,8 +185,16 @@ def _groups(rows: Sequence[IndexRow], include: RowFilter | None) -> list[tuple[I
     return [(pa[key], group) for key, group in targets.items() if key in pa]
 
 
+def load_model(model_dir: str | Path, device: str = "cpu") -> SvdrrPipeline:
+    """The pipeline in ``model_dir`` on ``device`` (auto, cpu, cuda, cuda:N)."""
+    from synthesis.device import resolve_device
+    from synthesis.pipeline import SvdrrPipeline
+
+    return SvdrrPipeline.from_pretrained(model_dir, device=resolve_device(device))
+
+
 def evaluate(
-    model_dir: str | Path | None,
+    model_dir: str | Path | SvdrrPipeline | None,
     data_dir: str | Path,
     out_dir: str | Path,
     include: RowFilter | None = None,
@@ -196,21 +208,19 @@ def evaluate(
 ) -> EvaluationResult:
     """Score the model (when ``model_dir`` is given) and the baselines on the selected target views.
 
+    ``model_dir`` is a model folder or a pipeline already loaded (:func:`load_model`).
     ``include`` selects target rows (e.g. azimuths, held-out augmentations or cases). Images are
     compared at the model's resolution; without a model ``resolution`` is required. Each input's
     targets are synthesised in one pipeline call seeded with ``seed`` (each view's noise derives from
     the seed and its own angles, so a view's output does not depend on the others selected).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    groups = _groups(load_index(data_dir), include)
+    groups = target_groups(load_index(data_dir), include)
     if not groups:
         raise SynthesisError(f"no target views with a PA input selected in {data_dir}")
     pipe = None
     if model_dir is not None:
-        from synthesis.device import resolve_device
-        from synthesis.pipeline import SvdrrPipeline
-
-        pipe = SvdrrPipeline.from_pretrained(model_dir, device=resolve_device(device))
+        pipe = load_model(model_dir, device) if isinstance(model_dir, (str, Path)) else model_dir
         if resolution is not None and resolution != pipe.resolution:
             raise SynthesisError(f"resolution {resolution} differs from the model's {pipe.resolution}")
         resolution = pipe.resolution
