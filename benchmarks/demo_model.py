@@ -82,7 +82,11 @@ def render_argv(command: str, out: Path) -> list[str]:
 def render(recipe: dict, out: Path) -> Path:
     data = recipe["data"]
     if "command" in data:
-        code = cli.main(render_argv(data["command"], out))
+        argv = render_argv(data["command"], out)
+        held_out = sorted(int(c[2:]) for c in recipe.get("hold_out_cases", []) if c.startswith("GP"))
+        if "--patients" in argv and held_out:
+            argv += ["--first-patient", str(held_out[0])]  # only the evaluated patients: each is drawn alone
+        code = cli.main(argv)
         if code != 0:
             raise SystemExit(f"rendering the dataset failed (exit {code}): {data['command']}")
         return out

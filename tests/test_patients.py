@@ -188,5 +188,12 @@ def test_cli_render_patients(tmp_path: Path, phantom: tuple[CtVolume, torch.Tens
     }
     assert json.loads((out / "dataset.json").read_text())["geometry"]["n_points"] == 100
     assert cli_main(["drr", "render", str(ct), "--out", str(out), "--patients", "2"]) == 2  # no labels
+    late = tmp_path / "late"
+    assert cli_main([*args[:4], str(late), *args[5:], "--first-patient", "1"]) == 0
+    assert {r.case for r in load_index(late)} == {"GP001"}
+    assert [r.path for r in load_index(late)] == [r.path for r in rows if r.case == "GP001"]
+    for row in load_index(late):  # drawn alone, the same patient
+        assert (late / row.path).read_bytes() == (out / row.path).read_bytes()
+    assert cli_main([*args, "--first-patient", "2"]) == 2
     missing = ["drr", "render", str(ct), "--out", str(out), "--patients", "2", "--labels", str(tmp_path / "no")]
     assert cli_main(missing) == 3

@@ -69,6 +69,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "see synthesis/patients.py); GP000 is the CT as loaded. Needs a label map",
     )
     render.add_argument(
+        "--first-patient",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --patients: render only GP<K>.. (e.g. the held-out patients); each is drawn alone",
+    )
+    render.add_argument(
         "--labels",
         type=Path,
         default=None,
@@ -122,6 +129,9 @@ def render_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitCode.USAGE
+    if args.patients is not None and not 0 <= args.first_patient < args.patients:
+        print("dicomnode drr render: --first-patient must be in 0..patients-1", file=sys.stderr)
+        return ExitCode.USAGE
     if args.patients is not None and args.labels is None and not args.example_ct:
         print("dicomnode drr render: --patients needs --labels (or --example-ct)", file=sys.stderr)
         return ExitCode.USAGE
@@ -163,6 +173,7 @@ def render_command(args: argparse.Namespace) -> int:
             device=args.device,
             batch_size=args.batch_size,
             progress=not args.no_progress,
+            first=args.first_patient,
         )
         print(f"DRR dataset index: {index}")
         return ExitCode.OK
