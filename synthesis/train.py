@@ -488,6 +488,8 @@ def train(
                         },
                     )
                     if stopping:
+                        # A run stopped early (for time) still leaves a usable model beside its checkpoint.
+                        _save_model(components, model, out_dir / f"{MODEL_DIR}-step-{step}")
                         return saved
     return _save_model(components, model, out_dir / MODEL_DIR)
 

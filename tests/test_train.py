@@ -100,8 +100,10 @@ def test_resume_equals_uninterrupted(dataset: Path, tmp_path: Path, with_vae: bo
     assert (tmp_path / "a" / "checkpoints" / "step-4" / "trainer.pt").is_file()
     stopped = train(_config(8, arch, checkpoint_every=4), dataset, tmp_path / "b", stop_after=4)
     assert stopped.name == "step-4" and not (tmp_path / "b" / "model").exists()
+    early = _weights(tmp_path / "b" / "model-step-4")  # a stopped run leaves a usable model too
     resumed = train(_config(8, arch, checkpoint_every=4), dataset, tmp_path / "b")
     a, b = _weights(whole), _weights(resumed)
+    assert any(not torch.equal(early[key], b[key]) for key in b)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -296,3 +298,22 @@ def test_start_from_a_pixart_sigma_folder(dataset: Path, tmp_path: Path) -> None
             dataset,
             tmp_path / "run2",
         )
+
+
+def test_cli_holds_out_cases_and_stops_early_with_a_model(dataset: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import argparse
+
+    from dicomnode.cli.train import register, run
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    base = ["train", "--data", str(dataset), "--arch", "tiny-pixel", "--stages", "32:4:2:1e-3", "--no-progress"]
+    args = parser.parse_args([*base, "--out", str(tmp_path / "a"), "--hold-out-cases", "case1", "--stop-after", "2"])
+    assert run(args) == 0
+    assert f"model: {tmp_path / 'a' / 'model-step-2'}" in capsys.readouterr().out
+    assert SvdrrPipeline.from_pretrained(tmp_path / "a" / "model-step-2").resolution == 32
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-2"]
+    everything = parser.parse_args([*base, "--out", str(tmp_path / "b"), "--hold-out-cases", "case0,case1"])
+    with pytest.raises(SynthesisError, match="no training pairs"):
+        run(everything)
+    assert run(parser.parse_args([*base, "--out", str(tmp_path / "c"), "--stop-after", "0"])) == 2

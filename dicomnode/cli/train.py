@@ -63,6 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after optimizer step N (a checkpoint and OUT/model-step-N are written); "
+        "the same command without it resumes the run exactly",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     accept_negative_lists(p)
     p.set_defaults(func=run)
@@ -120,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
     except (SynthesisError, ValueError) as e:
         print(f"dicomnode train: {e}", file=sys.stderr)
         return ExitCode.USAGE
-    model = train(config, args.data, args.out, resume=not args.no_resume)
-    print(f"trained model: {model}")
+    if args.stop_after is not None and args.stop_after < 1:
+        print("dicomnode train: --stop-after must be >= 1", file=sys.stderr)
+        return ExitCode.USAGE
+    result = train(config, args.data, args.out, resume=not args.no_resume, stop_after=args.stop_after)
+    if args.stop_after is not None and result.parent.name == "checkpoints":
+        print(f"stopped at checkpoint {result}; model: {args.out / ('model-' + result.name)}")
+    else:
+        print(f"trained model: {result}")
     return ExitCode.OK
