@@ -152,22 +152,22 @@ def tiny(
     )
 
 
-def demo(resolution: int = 128) -> Architecture:
-    """The shipped demo model's shape: pixel space, pose-only token, ~5.1 M parameters (20 MB).
+def demo(
+    resolution: int = 64, *, layers: int = 6, heads: int = 4, head_dim: int = 32, patch_size: int = 4
+) -> Architecture:
+    """The shipped demo model's shape: pixel space, pose-only token, patch 4, ~1.75 M parameters.
 
-    8 layers, 6 heads x 32 (hidden 192), patch 8: at 128 px that is 256 tokens. Measured on 2 CPU
-    cores at batch 16 (``benchmarks/demo_model.py`` notes): patch 4 (1024 tokens) costs 5.6x per
-    step, and hidden 256 would pass 25 MB of weights; this is the widest that fits both.
+    Small enough to train on a CPU in under an hour and to ship (< 25 MB of weights). The keywords
+    give other pixel-space shapes of the same kind (``dicomnode train --arch demo --shape``).
     """
     return Architecture(
-        resolution=resolution, layers=8, heads=6, head_dim=32, patch_size=8, vae=None, clip=None
-    )
-
-
-def demo_v1(resolution: int = 64) -> Architecture:
-    """The first demo model's shape (64 px, one CT): 6 layers, 4 heads x 32, patch 4, ~1.75 M parameters."""
-    return Architecture(
-        resolution=resolution, layers=6, heads=4, head_dim=32, patch_size=4, vae=None, clip=None
+        resolution=resolution,
+        layers=layers,
+        heads=heads,
+        head_dim=head_dim,
+        patch_size=patch_size,
+        vae=None,
+        clip=None,
     )
 
 

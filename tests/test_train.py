@@ -317,3 +317,9 @@ def test_cli_holds_out_cases_and_stops_early_with_a_model(dataset: Path, tmp_pat
     with pytest.raises(SynthesisError, match="no training pairs"):
         run(everything)
     assert run(parser.parse_args([*base, "--out", str(tmp_path / "c"), "--stop-after", "0"])) == 2
+    shaped = [*base[:4], "demo", *base[5:], "--shape", "2,2,8,4", "--stop-after", "1", "--out", str(tmp_path / "d")]
+    assert run(parser.parse_args(shaped)) == 0
+    config = SvdrrPipeline.from_pretrained(tmp_path / "d" / "model-step-1").transformer.config
+    assert (config.num_layers, config.num_attention_heads, config.attention_head_dim, config.patch_size) == (2, 2, 8, 4)
+    assert run(parser.parse_args([*shaped[:-1], str(tmp_path / "e"), "--shape", "2,2"])) == 2
+    assert run(parser.parse_args([*base, "--shape", "2,2,8,4", "--out", str(tmp_path / "f")])) == 2  # tiny-pixel

@@ -18,7 +18,7 @@ from dicomnode.errors import SynthesisError
 
 # The published recipe (svdrr-spec.md): 256 px then 512 then 1024, RES:STEPS:BATCH:LR.
 DEFAULT_STAGES = "256:200000:64:5e-6,512:100000:32:3e-6,1024:100000:8:1e-6"
-ARCHS = ("demo", "demo-v1", "tiny-pixel", "tiny", "published")
+ARCHS = ("demo", "tiny-pixel", "tiny", "published")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=ARCHS,
         default=None,
         help="start from random weights of this shape (default published)",
+    )
+    p.add_argument(
+        "--shape",
+        default=None,
+        metavar="LAYERS,HEADS,HEAD_DIM,PATCH",
+        help="with --arch demo: another pixel-space shape (default 6,4,32,4: 1.75 M parameters)",
     )
     p.add_argument("--image-encoder", type=Path, metavar="DIR", help="with --from-pixart: a CLIP vision model folder")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, noise and dropout")
@@ -76,6 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def parse_shape(text: str) -> dict[str, int]:
+    """``LAYERS,HEADS,HEAD_DIM,PATCH`` -> keywords of :func:`synthesis.architecture.demo`."""
+    try:
+        layers, heads, head_dim, patch = (int(v) for v in text.split(","))
+    except ValueError as e:
+        raise SynthesisError(f"--shape is LAYERS,HEADS,HEAD_DIM,PATCH (four integers), got {text!r}") from e
+    return {"layers": layers, "heads": heads, "head_dim": head_dim, "patch_size": patch}
+
+
 def run(args: argparse.Namespace) -> int:
     """Train; exit OK, USAGE for bad settings, NOT_FOUND for a missing dataset or model folder."""
     if not (args.data / "index.csv").is_file():
@@ -86,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"dicomnode train: model folder not found: {folder}", file=sys.stderr)
             return ExitCode.NOT_FOUND
 
-    from synthesis.architecture import demo, demo_v1, published, tiny
+    from synthesis.architecture import demo, published, tiny
     from synthesis.train import TrainConfig, parse_stages, train
     from synthesis.training_data import all_of, exclude_augmentations, exclude_azimuths, exclude_cases
 
@@ -96,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
         if args.init_from is None and args.init_pixart is None:
             resolution = stages[0].resolution
             name = args.arch or "published"
+            shape = parse_shape(args.shape) if args.shape else {}
+            if shape and name != "demo":
+                raise SynthesisError("--shape goes with --arch demo (a pixel-space model)")
             arch = {
-                "demo": lambda: demo(resolution),
-                "demo-v1": lambda: demo_v1(resolution),
+                "demo": lambda: demo(resolution, **shape),
                 "tiny-pixel": lambda: tiny(resolution, vae=False, clip=False),
                 "tiny": lambda: tiny(resolution),
                 "published": lambda: published(resolution),
