@@ -120,6 +120,7 @@ class Server:
 def start_node(folder: Path) -> tuple[NodeProcess, Server]:
     port = free_port()
     folder.mkdir(parents=True)
+    (folder / "no-model").mkdir()  # a model still to come: the node receives and queues, synthesis waits
     config = folder / "dicomnode.toml"
     config.write_text(
         f'[node]\nae_title = "SVDRR"\nbind_address = "127.0.0.1"\nport = {port}\n'

@@ -4,8 +4,11 @@ A C-STORE is acknowledged with success only once the instance is on disk and rec
 B.2.3 leaves what "stored" means to the SCP; we take it to mean durable). ``write`` therefore:
 checks the free-space watermark, writes a temporary file in the destination folder, flushes and
 fsyncs it, renames it atomically onto its final name and fsyncs the folder so the rename itself
-survives a power cut. Final names are generated (``yyyy/mm/dd/<uuid4>.dcm``), never taken from a
-UID or any other received value, so no peer can choose a path in our tree.
+survives a power cut. With ``sync=False`` the caller takes that over: the Storage SCP writes and
+renames without syncing, then flushes the whole filesystem once, after the commit, for all the
+instances committed with it (:mod:`storage.durability`). Final names are generated
+(``yyyy/mm/dd/<uuid4>.dcm``), never taken from a UID or any other received value, so no peer can
+choose a path in our tree.
 """
 
 from __future__ import annotations
@@ -92,14 +95,18 @@ class InstanceStore:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def write(self, data: bytes | Dataset) -> StoredFile:
+    def write(self, data: bytes | Dataset, sync: bool = True) -> StoredFile:
         """Store one Part 10 file (encoded bytes, or a dataset with file meta) durably.
+
+        ``sync=False`` skips the fsyncs of the file and its folders: the file is complete and in place
+        but durable only after a flush of its filesystem (:class:`storage.durability.FilesystemFlush`),
+        which the caller must make before it tells anyone the file is stored.
 
         Raises ``StorageError`` when free space would fall below the watermark or any step of the
         write fails; in both cases neither a temporary nor a final file is left behind.
         """
         if isinstance(data, Dataset):
-            return self.write_dataset(data)
+            return self.write_dataset(data)  # durable step by step, as every writer but the SCP
         data = bytes(data)
         _check_part10(data)
         free = self.free_bytes()
@@ -114,19 +121,21 @@ class InstanceStore:
         temp = final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}")
         renamed = False
         try:
-            self._make_folders(final.parent)
+            self._make_folders(final.parent)  # synced always: once a day, and other writers rely on it
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 view = memoryview(data)
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, final)
             renamed = True
-            _fsync_directory(final.parent)
+            if sync:
+                _fsync_directory(final.parent)
         except OSError as e:
             leftover = final if renamed else temp
             try:
