@@ -4,8 +4,9 @@
     python benchmarks/ingest.py --quick                # a few images per cell: shows that it works
     python benchmarks/ingest.py --rss 20000            # also the node's RSS over 20,000 instances
 
-Both servers are the real thing as a site runs it: ``dicomnode serve`` (SQLite, fsync of file, folder
-and commit before Success) and Orthanc (SQLite index, ``SyncStorageArea``), both with TCP_NODELAY,
+Both servers are the real thing as a site runs it: ``dicomnode serve`` (SQLite; file, folder entry
+and commit on stable storage before Success: one ``syncfs`` per group of commits) and Orthanc
+(SQLite index, ``SyncStorageArea``), both with TCP_NODELAY,
 each on its own loopback port. Every run sends fresh DX For Presentation files (new SOP Instance UIDs,
 so no run is answered from a duplicate check) with ``/usr/bin/storescu`` over 1 or 4 concurrent
 associations, the files split evenly; the two servers alternate which goes first in each round.
@@ -125,6 +126,7 @@ def start_node(folder: Path) -> tuple[NodeProcess, Server]:
     config.write_text(
         f'[node]\nae_title = "SVDRR"\nbind_address = "127.0.0.1"\nport = {port}\n'
         f'storage_dir = "{folder / "var"}"\nmin_free_mb = 0\n\n[engine]\nmodel = "{folder / "no-model"}"\n'
+        f"\n[http]\nport = {free_port()}\n"  # the console as a site runs it, on a port of its own
     )
     node = NodeProcess(config, port, folder / "node.log").start()
     assert node.proc is not None
@@ -197,7 +199,7 @@ def run_cell(cell: Cell, servers: list[Server], rounds: int, work: Path, data: b
 
 
 def report(cells: list[Cell], load: str) -> None:
-    print(f"\ningest throughput, dcmtk storescu -> server on loopback, fsync on, TCP_NODELAY ({load})")
+    print(f"\ningest throughput, dcmtk storescu -> server on loopback, durable before Success, TCP_NODELAY ({load})")
     print(f"{'cell':<22}{'node img/s':>18}{'orthanc img/s':>20}{'ratio':>8}{'node MB/s':>11}{'orth MB/s':>11}"
           f"{'node CPU ms/img':>17}")
     for c in cells:

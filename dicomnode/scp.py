@@ -90,6 +90,7 @@ from dicomnode.errors import ConfigError, StorageError
 from dicomnode.group_commit import GroupCommitter
 from dicomnode.log_escape import printable
 from dicomnode.part10 import file_header
+from dicomnode.pdu_socket import read_pdus_in_bulk
 from dicomnode.scp_tls import server_tls_context
 from dicomnode.scu import set_tcp_nodelay
 from storage.associations import end_association, record_association
@@ -213,6 +214,7 @@ class StorageSCP:
         node = self.settings.node
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, read_pdus_in_bulk),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -439,33 +441,35 @@ class StorageSCP:
             )
             return _status(OUT_OF_RESOURCES, "internal error, see the node log")
 
-    def _check(self, event: evt.Event) -> tuple[bytes, Received]:
-        """The received data set with File Meta Information, checked (dicomnode.dataset_checks)."""
+    def _check(self, event: evt.Event) -> tuple[bytes, bytes, Received]:
+        """The File Meta Information header and the received data set, checked (dicomnode.dataset_checks)."""
         req = cast(C_STORE, event.request)
         context = event.context
         AffectedSOPClassUID = str(req.AffectedSOPClassUID or "")
         AffectedSOPInstanceUID = str(req.AffectedSOPInstanceUID or "")
         body = event.encoded_dataset(include_meta=False)
-        data = file_header(AffectedSOPClassUID, AffectedSOPInstanceUID, str(context.transfer_syntax)) + body
+        header = file_header(AffectedSOPClassUID, AffectedSOPInstanceUID, str(context.transfer_syntax))
         received = check_c_store(
-            data,
+            header,
             body,
             UID(context.transfer_syntax),
             str(context.abstract_syntax),
             AffectedSOPClassUID,
             AffectedSOPInstanceUID,
         )
-        return data, received
+        return header, body, received
 
     def _store(self, event: evt.Event, record: _AssociationRecord) -> Dataset:
         """Check, write durably, record (with intake) in one transaction, then answer Success."""
-        data, received = self._check(event)
+        header, body, received = self._check(event)
         ds, fields = received.ds, received.fields
         SOPInstanceUID = fields["sop_instance_uid"]
         # No look-up first: a re-sent UID is rare, and the row's unique SOP Instance UID turns it into
         # a failed insert below, answered from the stored row (one query less per instance).
         try:
-            stored = self.store.write(data, sync=self._ingest.flush is None)  # else flushed after the commit
+            # The header and the data set as received, never joined (no copy of the pixels); synced
+            # step by step, or flushed with the group after the commit.
+            stored = self.store.write((header, body), sync=self._ingest.flush is None)
         except StorageError as e:
             logger.error("association %d: cannot store %s: %s", record.id, SOPInstanceUID, e)
             return _status(OUT_OF_RESOURCES, "cannot write the instance to storage")

@@ -64,6 +64,18 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, parts: tuple[bytes, ...]) -> None:
+    """Write ``parts`` in order, resuming after short writes."""
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
 def _check_part10(data: bytes) -> None:
     """A Part 10 file: 128-byte preamble, then "DICM" (PS3.10 7.1); the store holds nothing else."""
     if data[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] != b"DICM":
@@ -95,8 +107,11 @@ class InstanceStore:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def write(self, data: bytes | Dataset, sync: bool = True) -> StoredFile:
+    def write(self, data: bytes | tuple[bytes, ...] | Dataset, sync: bool = True) -> StoredFile:
         """Store one Part 10 file (encoded bytes, or a dataset with file meta) durably.
+
+        ``data`` may come in parts (a tuple: preamble and File Meta Information, then the data set), written
+        one after the other with ``writev``, so a large data set is never copied to join them.
 
         ``sync=False`` skips the fsyncs of the file and its folders: the file is complete and in place
         but durable only after a flush of its filesystem (:class:`storage.durability.FilesystemFlush`),
@@ -107,12 +122,13 @@ class InstanceStore:
         """
         if isinstance(data, Dataset):
             return self.write_dataset(data)  # durable step by step, as every writer but the SCP
-        data = bytes(data)
-        _check_part10(data)
+        parts = data if isinstance(data, tuple) else (bytes(data),)
+        _check_part10(parts[0])
+        size = sum(len(part) for part in parts)
         free = self.free_bytes()
-        if free - len(data) < self.min_free_bytes:
+        if free - size < self.min_free_bytes:
             raise StorageError(
-                f"store {self.root} is full: {free} bytes free, writing {len(data)} would leave less "
+                f"store {self.root} is full: {free} bytes free, writing {size} would leave less "
                 f"than the {self.min_free_bytes} bytes watermark"
             )
         now = datetime.now(UTC)
@@ -124,10 +140,7 @@ class InstanceStore:
             self._make_folders(final.parent)  # synced always: once a day, and other writers rely on it
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                _write_all(fd, parts)
                 if sync:
                     os.fsync(fd)
             finally:
@@ -142,8 +155,11 @@ class InstanceStore:
                 leftover.unlink(missing_ok=True)
             except OSError:
                 logger.exception("could not remove %s after a failed write", leftover)
-            raise StorageError(f"writing {len(data)} bytes under {self.root} failed: {e}") from e
-        stored = StoredFile(str(relative), hashlib.sha256(data).hexdigest(), len(data))
+            raise StorageError(f"writing {size} bytes under {self.root} failed: {e}") from e
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        stored = StoredFile(str(relative), digest.hexdigest(), size)
         logger.debug("stored %d bytes at %s", stored.size_bytes, stored.path)
         return stored
 
