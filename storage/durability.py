@@ -24,9 +24,10 @@ flushed. A database on another filesystem than the store is flushed with its own
 
 What a crash *before* step 3 returns can leave, besides nothing: a complete file without a row (moved
 to quarantine at start, :mod:`storage.reconcile`), or, since the WAL may reach the disk before the
-file (a checkpoint syncs it), a row whose file is missing or short. Neither was acknowledged, so the
-sender sends it again; the SCP then verifies the held file and, if it is not the recorded bytes,
-records the new copy in its place (``StorageSCP._answer_resend``). The cost: ``syncfs`` also flushes
+file (a checkpoint syncs it), a row whose file is missing or short. Neither was acknowledged, so a sender
+that wants it stored sends it again; the SCP then verifies the held file and, if it is not the recorded bytes,
+records the new copy in its place (``StorageSCP._answer_resend``); at start the node logs such rows
+(:func:`storage.reconcile.rows_without_their_file`). The cost: ``syncfs`` also flushes
 what other programs wrote to the same filesystem, so the store belongs on a filesystem that bulk
 writers (training checkpoints, backups) do not share.
 """
