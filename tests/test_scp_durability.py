@@ -148,6 +148,18 @@ def test_filesystem_flush_syncs_each_filesystem_once(tmp_path: Path) -> None:
         FilesystemFlush([tmp_path / "missing"])
 
 
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem (/dev/shm)")
+def test_a_database_on_another_filesystem_is_flushed_too(tmp_path: Path) -> None:
+    assert os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev
+    flush = FilesystemFlush([tmp_path, Path("/dev/shm")])
+    try:
+        assert flush.filesystems == 2
+        flush()
+        assert flush.flushes == 1
+    finally:
+        flush.close()
+
+
 def _row(session: Session, uid: str) -> Instance:
     return record_instance(
         session,
