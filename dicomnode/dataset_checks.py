@@ -113,6 +113,7 @@ class _Walker:
     def __init__(self, buf: bytes, implicit: bool, order: str) -> None:
         self.buf, self.implicit, self.order = buf, implicit, order
         self.pixels: PixelDataLayout | None = None
+        self.pixels_at: int | None = None  # where the first top-level pixel element starts
 
     def elements(self, pos: int, implicit: bool, in_item: bool) -> int:
         """Skip elements from ``pos``; inside an undefined-length item stop after its delimiter."""
@@ -123,7 +124,7 @@ class _Walker:
                     return end  # a few bytes of trailing zero padding, as some senders add
                 raise _truncated(pos, "element header")
             group, element = struct.unpack_from(order + "HH", buf, pos)
-            tag = group << 16 | element
+            tag, start = group << 16 | element, pos
             if tag == _ITEM_DELIMITER and in_item:
                 return pos + 8
             vr = buf[pos + 4 : pos + 6]
@@ -138,6 +139,8 @@ class _Walker:
             else:
                 raise Refusal(ELEMENT_INVALID, f"({group:04X},{element:04X}) has invalid VR {printable(vr)!r}")
             top_pixels = not in_item and tag in _PIXEL_TAGS
+            if top_pixels and self.pixels_at is None:
+                self.pixels_at = start
             if top_pixels:
                 self.pixels = PixelDataLayout(tag, None if length == _UNDEFINED_LENGTH else length)
             if length == _UNDEFINED_LENGTH:
@@ -199,6 +202,10 @@ def check_complete(body: bytes, transfer_syntax: UID) -> PixelDataLayout | None:
     Returns where its top-level pixel element is (None when it has none). Only element headers are
     read: no value is decoded, pixel data least of all.
     """
+    return _walk(body, transfer_syntax).pixels
+
+
+def _walk(body: bytes, transfer_syntax: UID) -> _Walker:
     if transfer_syntax.is_deflated:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # PS3.5 A.5: raw deflate, no zlib header
         try:
@@ -209,7 +216,7 @@ def check_complete(body: bytes, transfer_syntax: UID) -> PixelDataLayout | None:
             raise _truncated(len(body), "deflate stream has no end")
     walker = _Walker(body, transfer_syntax.is_implicit_VR, "<" if transfer_syntax.is_little_endian else ">")
     walker.elements(0, transfer_syntax.is_implicit_VR, in_item=False)
-    return walker.pixels
+    return walker
 
 
 # ---- Values ---------------------------------------------------------------------------------------------
@@ -315,7 +322,7 @@ class Received:
 
 
 def check_c_store(
-    data: bytes,
+    header: bytes,
     body: bytes,
     transfer_syntax: UID,
     abstract_syntax: str,
@@ -324,11 +331,14 @@ def check_c_store(
 ) -> Received:
     """Every check of the module docstring, in the order a sender can best act on; or :class:`Refusal`.
 
-    ``data`` is the data set with File Meta Information (as stored), ``body`` the data set alone.
+    ``header`` is the preamble and File Meta Information the data set is stored behind, ``body`` the
+    data set. Only what precedes the pixel element is parsed, so its bytes are never copied.
     """
-    pixels = check_complete(body, transfer_syntax)
+    walked = _walk(body, transfer_syntax)
+    pixels = walked.pixels
+    head = body if walked.pixels_at is None or transfer_syntax.is_deflated else body[: walked.pixels_at]
     try:
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        ds = dcmread(io.BytesIO(b"".join((header, head))), stop_before_pixels=True)
     except Exception as e:  # whatever pydicom raises on bytes it cannot read
         raise Refusal(CANNOT_UNDERSTAND, f"cannot parse data set: {type(e).__name__}") from e
     _convert_all(ds)

@@ -36,7 +36,7 @@ from storage.deliveries import reclaim_expired_deliveries
 from storage.heartbeats import beat, stopped
 from storage.jobs import reclaim_expired_jobs, release_waiting_jobs
 from storage.models import JOB_STATES, Job
-from storage.reconcile import DEFAULT_MIN_AGE_S, quarantine_unrecorded
+from storage.reconcile import DEFAULT_MIN_AGE_S, quarantine_unrecorded, rows_without_their_file
 from storage.store import InstanceStore
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class Node:
             if discarded:
                 logger.warning("discarded %d partial files left by an interrupted write", discarded)
             self._quarantine(min_age_s=0 if alone else DEFAULT_MIN_AGE_S)
+            rows_without_their_file(store, self.sessions)  # logged: what a crash before a flush left
         if self.synthesis:
             self.pool = WorkerPool(s, self.sessions, grace_s=self.worker_grace_s)
             requeued = self.pool.requeue_own_jobs()

@@ -4,7 +4,10 @@ The C-STORE handler is deliberately thin (style practice 3): it checks that the 
 complete data set of the class the request names, writes them unchanged and durably into the
 :class:`~storage.store.InstanceStore`, records the instance (and lets ``intake`` queue jobs) in one
 transaction, and only then answers Success. PS3.4 B.2.3 leaves what "stored" means to the SCP; here it
-means on disk, fsynced and committed, the bar Orthanc's ``SyncStorageArea`` sets. Every failure
+means that the file, its folder entry and the committed row are on stable storage (more than Orthanc's
+``SyncStorageArea``, which syncs the file only). Where Linux's ``syncfs`` reports errors that takes one
+flush of the filesystem for all the instances committed together (:mod:`storage.durability`), else an
+fsync of the file, of its folder and a synchronous commit. Every failure
 becomes a status code of PS3.4 Table B.2-1 / PS3.7 Annex C with a short Error Comment, logged once with
 the association id; nothing that one peer sends can stop the server from serving the next.
 
@@ -12,7 +15,7 @@ C-STORE statuses (the checks are in :mod:`dicomnode.dataset_checks`; 0xC2xx sub-
 own within PS3.4's "Error: Cannot understand" range, 0xC211 being pynetdicom's for a failed handler):
 
 ====== ================================================================================================
-0x0000 Success: stored, fsynced (file and folder) and committed; or an identical re-send
+0x0000 Success: stored and committed, file, folder entry and row flushed to disk; or an identical re-send
 0x0111 Duplicate SOP Instance: the UID is held with other content (the original is kept)
 0xA700 Out of Resources: disk (free-space watermark, write failure) or database; retry later
 0xA900 Data Set does not match SOP Class: request, presentation context and data set name other classes
@@ -87,12 +90,14 @@ from dicomnode.errors import ConfigError, StorageError
 from dicomnode.group_commit import GroupCommitter
 from dicomnode.log_escape import printable
 from dicomnode.part10 import file_header
+from dicomnode.pdu_socket import read_pdus_in_bulk
 from dicomnode.scp_tls import server_tls_context
 from dicomnode.scu import set_tcp_nodelay
 from storage.associations import end_association, record_association
-from storage.instances import classify_resend, find_instance, record_instance
+from storage.durability import FlushError, ingest_commit
+from storage.instances import classify_resend, find_instance, record_instance, replace_file
 from storage.models import Instance
-from storage.store import InstanceStore
+from storage.store import InstanceStore, StoredFile
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +177,8 @@ class StorageSCP:
         self._server: GatedAssociationServer | None = None
         self._records: dict[Association, _AssociationRecord] = {}
         self._lock = threading.Lock()
-        self._committer = GroupCommitter(sessions)
+        self._ingest = ingest_commit(store.root, sessions)
+        self._committer = GroupCommitter(self._ingest.sessions, self._ingest.flush)
         self._ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -208,6 +214,7 @@ class StorageSCP:
         node = self.settings.node
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, read_pdus_in_bulk),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -261,6 +268,7 @@ class StorageSCP:
             leftover = list(self._records)
         for assoc in leftover:
             self._finish(assoc, "shutdown")
+        self._ingest.close()
         logger.info("Storage SCP %s stopped", self.settings.node.ae_title)
 
     @property
@@ -433,33 +441,35 @@ class StorageSCP:
             )
             return _status(OUT_OF_RESOURCES, "internal error, see the node log")
 
-    def _check(self, event: evt.Event) -> tuple[bytes, Received]:
-        """The received data set with File Meta Information, checked (dicomnode.dataset_checks)."""
+    def _check(self, event: evt.Event) -> tuple[bytes, bytes, Received]:
+        """The File Meta Information header and the received data set, checked (dicomnode.dataset_checks)."""
         req = cast(C_STORE, event.request)
         context = event.context
         AffectedSOPClassUID = str(req.AffectedSOPClassUID or "")
         AffectedSOPInstanceUID = str(req.AffectedSOPInstanceUID or "")
         body = event.encoded_dataset(include_meta=False)
-        data = file_header(AffectedSOPClassUID, AffectedSOPInstanceUID, str(context.transfer_syntax)) + body
+        header = file_header(AffectedSOPClassUID, AffectedSOPInstanceUID, str(context.transfer_syntax))
         received = check_c_store(
-            data,
+            header,
             body,
             UID(context.transfer_syntax),
             str(context.abstract_syntax),
             AffectedSOPClassUID,
             AffectedSOPInstanceUID,
         )
-        return data, received
+        return header, body, received
 
     def _store(self, event: evt.Event, record: _AssociationRecord) -> Dataset:
         """Check, write durably, record (with intake) in one transaction, then answer Success."""
-        data, received = self._check(event)
+        header, body, received = self._check(event)
         ds, fields = received.ds, received.fields
         SOPInstanceUID = fields["sop_instance_uid"]
         # No look-up first: a re-sent UID is rare, and the row's unique SOP Instance UID turns it into
         # a failed insert below, answered from the stored row (one query less per instance).
         try:
-            stored = self.store.write(data)
+            # The header and the data set as received, never joined (no copy of the pixels); synced
+            # step by step, or flushed with the group after the commit.
+            stored = self.store.write((header, body), sync=self._ingest.flush is None)
         except StorageError as e:
             logger.error("association %d: cannot store %s: %s", record.id, SOPInstanceUID, e)
             return _status(OUT_OF_RESOURCES, "cannot write the instance to storage")
@@ -482,13 +492,17 @@ class StorageSCP:
             return instance
 
         try:
-            self._committer.run(record_it)  # with other associations' records: one commit, one fsync
+            # With other associations' records: one commit and one flush for the group.
+            self._committer.run(record_it, durable=True)
+        except FlushError as e:  # committed, not known to be on disk: a re-send is verified (below)
+            logger.error("association %d: %s recorded but not flushed to disk: %s", record.id, SOPInstanceUID, e)
+            return _status(OUT_OF_RESOURCES, "cannot flush the instance to disk")
         except Exception:
-            self._discard(record, stored.path)  # never acknowledged: the file must not stay
             with self.sessions() as session:
                 existing = find_instance(session, SOPInstanceUID)
-            if existing is not None:  # another association stored it meanwhile
-                return self._answer_resend(record, existing, data)
+            if existing is not None:  # a re-send, or another association stored it meanwhile
+                return self._answer_resend(record, existing, stored)
+            self._discard(record, stored.path)  # never acknowledged: the file must not stay
             logger.exception("association %d: cannot record %s", record.id, SOPInstanceUID)
             return _status(OUT_OF_RESOURCES, "cannot record the instance")
         with self._lock:
@@ -503,25 +517,60 @@ class StorageSCP:
         )
         return _status(SUCCESS)
 
-    def _answer_resend(self, record: _AssociationRecord, existing: Instance, data: bytes) -> Dataset:
+    def _answer_resend(self, record: _AssociationRecord, existing: Instance, stored: StoredFile) -> Dataset:
         """A re-sent SOP Instance UID: identical bytes are a success, other bytes are refused.
 
         A UID names one object (PS3.3 C.12.1.1.1): the held original is never replaced
-        (``node.duplicate_policy = "reject"``).
+        (``node.duplicate_policy = "reject"``). But a crash before the flush that would have
+        acknowledged an instance can leave its row naming a file that is missing or short
+        (:mod:`storage.durability`); then the new copy, just written, takes its place. Either way the
+        answer is Success only after a flush: the held row may be one whose flush never happened.
         """
-        if classify_resend(existing, hashlib.sha256(data).hexdigest()) == "identical":
+        if classify_resend(existing, stored.sha256) != "identical":
+            self._discard(record, stored.path)
+            logger.warning(
+                "association %d: %s re-sent with other content; the original is kept",
+                record.id,
+                existing.sop_instance_uid,
+            )
+            return _status(DUPLICATE_SOP_INSTANCE, "SOP Instance UID already stored with other content")
+        intact = self._holds(existing)
+        try:
+            if intact:
+                self._discard(record, stored.path)
+                self._committer.run(lambda session: None, durable=True)  # flush what the first copy left
+            else:
+                self._committer.run(
+                    lambda session: replace_file(session, existing.id, stored.path, stored.sha256, stored.size_bytes),
+                    durable=True,
+                )
+        except Exception as e:
+            logger.error("association %d: cannot make re-sent %s durable: %s", record.id, existing.sop_instance_uid, e)
+            return _status(OUT_OF_RESOURCES, "cannot flush the instance to disk")
+        if intact:
             logger.info(
                 "association %d: %s re-sent with identical content, already stored",
                 record.id,
                 existing.sop_instance_uid,
             )
-            return _status(SUCCESS)
-        logger.warning(
-            "association %d: %s re-sent with other content; the original is kept",
-            record.id,
-            existing.sop_instance_uid,
-        )
-        return _status(DUPLICATE_SOP_INSTANCE, "SOP Instance UID already stored with other content")
+        else:
+            logger.warning(
+                "association %d: %s re-sent; its recorded file %s was missing or damaged, now %s",
+                record.id,
+                existing.sop_instance_uid,
+                existing.path,
+                stored.path,
+            )
+            self._discard(record, existing.path)
+        return _status(SUCCESS)
+
+    def _holds(self, existing: Instance) -> bool:
+        """Whether the file ``existing`` names holds its recorded bytes (read only for re-sends)."""
+        try:
+            data = self.store.read(existing.path)
+        except StorageError:
+            return False
+        return len(data) == existing.size_bytes and hashlib.sha256(data).hexdigest() == existing.sha256
 
     def _discard(self, record: _AssociationRecord, path: str) -> None:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
 
 
 def _parse_url(database_url: str) -> URL:
@@ -43,7 +45,7 @@ def _parse_url(database_url: str) -> URL:
         raise ConfigError(f"database URL {database_url!r} is not a valid SQLAlchemy URL") from e
 
 
-def _sqlite_file(url: URL) -> Path | None:
+def sqlite_file(url: URL) -> Path | None:
     """The database file of a SQLite URL, or None for an in-memory database."""
     database = url.database or ""
     if database in ("", ":memory:") or database.startswith("file:"):
@@ -51,15 +53,18 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database).expanduser()
 
 
-def _configure_sqlite_connection(dbapi_connection: Any, connection_record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.execute("PRAGMA synchronous = FULL")
-    finally:
-        cursor.close()
+def _sqlite_configurer(synchronous: str) -> Callable[[Any, Any], None]:
+    def configure(dbapi_connection: Any, connection_record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
+        finally:
+            cursor.close()
+
+    return configure
 
 
 def with_installed_driver(url: URL) -> URL:
@@ -77,23 +82,28 @@ def with_installed_driver(url: URL) -> URL:
     return url  # neither: create_engine names the missing module
 
 
-def make_engine(database_url: str) -> Engine:
+def make_engine(database_url: str, synchronous: str = "FULL") -> Engine:
     """An engine for ``database_url`` (``sqlite:///path`` or ``postgresql://...``).
 
-    For SQLite the parent folder of the file is created. ``synchronous = FULL`` makes a commit
-    durable on power loss in WAL mode, which the C-STORE acknowledgement relies on.
+    For SQLite the parent folder of the file is created. ``synchronous = FULL`` makes each commit
+    durable on power loss in WAL mode. ``"NORMAL"`` (SQLite only) writes the WAL without syncing it:
+    a commit is durable only after a flush of the filesystem, which the Storage SCP makes once for a
+    group of commits before it acknowledges them (:mod:`storage.durability`); every other writer
+    keeps ``FULL``.
     """
+    if synchronous not in SQLITE_SYNCHRONOUS:
+        raise ValueError(f"synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, got {synchronous!r}")
     url = with_installed_driver(_parse_url(database_url))
     try:
         if url.get_backend_name() == "sqlite":
-            path = _sqlite_file(url)
+            path = sqlite_file(url)
             if path is not None:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
                     raise StorageError(f"cannot create the database folder {path.parent}: {e}") from e
             engine = create_engine(url)
-            event.listen(engine, "connect", _configure_sqlite_connection)
+            event.listen(engine, "connect", _sqlite_configurer(synchronous))
         else:
             engine = create_engine(url, pool_pre_ping=True)
     except (ArgumentError, NoSuchModuleError) as e:

@@ -10,7 +10,7 @@ import logging
 from typing import Any, Literal
 
 from pydicom.dataset import Dataset
-from sqlalchemy import String, select
+from sqlalchemy import String, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -83,6 +83,16 @@ def record_instance(session: Session, **fields: Any) -> Instance:
         raise StorageError(f"cannot record instance {uid!r}: {getattr(e, 'orig', e)}") from e
     logger.debug("recorded instance %d (%s) at %s", instance.id, instance.origin, instance.path)
     return instance
+
+
+def replace_file(session: Session, instance_id: int, path: str, sha256: str, size_bytes: int) -> None:
+    """Point the row ``instance_id`` at another stored file holding its bytes (a re-sent copy)."""
+    try:
+        session.execute(
+            update(Instance).where(Instance.id == instance_id).values(path=path, sha256=sha256, size_bytes=size_bytes)
+        )
+    except SQLAlchemyError as e:
+        raise StorageError(f"cannot point instance {instance_id} at {path!r}: {getattr(e, 'orig', e)}") from e
 
 
 def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:

@@ -9,6 +9,10 @@ operator can look at them (``dicomnode status`` counts them) and delete or re-se
 A file is quarantined only if no row names its path *and* it is older than ``min_age_s``: nodes
 sharing one store (NFS) write concurrently, and a file another node renamed a moment ago may have
 its row committed the next moment. Nothing with a row (acknowledged or recorded) is ever touched.
+
+The reverse, a row whose file is missing or short, can follow a crash between the Storage SCP's
+commit and its flush (:mod:`storage.durability`); :func:`rows_without_their_file` names those among
+the newest rows, and changes nothing.
 """
 
 from __future__ import annotations
@@ -88,6 +92,44 @@ def quarantine_unrecorded(
         moved.append(Quarantined(path, f"{QUARANTINE}/{path}"))
         logger.warning("store file %s has no database row: moved to %s/%s", path, QUARANTINE, path)
     return moved
+
+
+RECENT_ROWS = 1000
+
+
+def rows_without_their_file(
+    store: InstanceStore, sessions: sessionmaker[Session], recent: int = RECENT_ROWS
+) -> list[Instance]:
+    """Among the ``recent`` newest received rows, those whose file is missing or not its recorded size.
+
+    The Storage SCP commits a row before the one flush that makes file and row durable
+    (:mod:`storage.durability`), so a crash in between can leave the row on disk and the file not:
+    an instance never acknowledged, that its sender will send again (the re-send stores the file
+    again). Only the newest rows can be in that state; they are checked at start so an operator sees
+    them, and nothing is changed.
+    """
+    with sessions() as session:
+        rows = list(
+            session.scalars(
+                select(Instance).where(Instance.origin == "received").order_by(Instance.id.desc()).limit(recent)
+            )
+        )
+    broken = []
+    for row in rows:
+        try:
+            intact = (store.root / row.path).stat().st_size == row.size_bytes
+        except OSError:
+            intact = False
+        if not intact:
+            broken.append(row)
+            logger.error(
+                "instance %d (%s) is recorded but its file %s is missing or short: received just before a "
+                "crash, never acknowledged; a re-send from its sender stores it again",
+                row.id,
+                row.sop_instance_uid,
+                row.path,
+            )
+    return broken
 
 
 def quarantined_files(store: InstanceStore) -> list[str]:

@@ -4,8 +4,11 @@ A C-STORE is acknowledged with success only once the instance is on disk and rec
 B.2.3 leaves what "stored" means to the SCP; we take it to mean durable). ``write`` therefore:
 checks the free-space watermark, writes a temporary file in the destination folder, flushes and
 fsyncs it, renames it atomically onto its final name and fsyncs the folder so the rename itself
-survives a power cut. Final names are generated (``yyyy/mm/dd/<uuid4>.dcm``), never taken from a
-UID or any other received value, so no peer can choose a path in our tree.
+survives a power cut. With ``sync=False`` the caller takes that over: the Storage SCP writes and
+renames without syncing, then flushes the whole filesystem once, after the commit, for all the
+instances committed with it (:mod:`storage.durability`). Final names are generated
+(``yyyy/mm/dd/<uuid4>.dcm``), never taken from a UID or any other received value, so no peer can
+choose a path in our tree.
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, parts: tuple[bytes, ...]) -> None:
+    """Write ``parts`` in order, resuming after short writes."""
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
 def _check_part10(data: bytes) -> None:
     """A Part 10 file: 128-byte preamble, then "DICM" (PS3.10 7.1); the store holds nothing else."""
     if data[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] != b"DICM":
@@ -92,20 +107,28 @@ class InstanceStore:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def write(self, data: bytes | Dataset) -> StoredFile:
+    def write(self, data: bytes | tuple[bytes, ...] | Dataset, sync: bool = True) -> StoredFile:
         """Store one Part 10 file (encoded bytes, or a dataset with file meta) durably.
+
+        ``data`` may come in parts (a tuple: preamble and File Meta Information, then the data set), written
+        one after the other with ``writev``, so a large data set is never copied to join them.
+
+        ``sync=False`` skips the fsyncs of the file and its folders: the file is complete and in place
+        but durable only after a flush of its filesystem (:class:`storage.durability.FilesystemFlush`),
+        which the caller must make before it tells anyone the file is stored.
 
         Raises ``StorageError`` when free space would fall below the watermark or any step of the
         write fails; in both cases neither a temporary nor a final file is left behind.
         """
         if isinstance(data, Dataset):
-            return self.write_dataset(data)
-        data = bytes(data)
-        _check_part10(data)
+            return self.write_dataset(data)  # durable step by step, as every writer but the SCP
+        parts = data if isinstance(data, tuple) else (bytes(data),)
+        _check_part10(parts[0])
+        size = sum(len(part) for part in parts)
         free = self.free_bytes()
-        if free - len(data) < self.min_free_bytes:
+        if free - size < self.min_free_bytes:
             raise StorageError(
-                f"store {self.root} is full: {free} bytes free, writing {len(data)} would leave less "
+                f"store {self.root} is full: {free} bytes free, writing {size} would leave less "
                 f"than the {self.min_free_bytes} bytes watermark"
             )
         now = datetime.now(UTC)
@@ -114,27 +137,29 @@ class InstanceStore:
         temp = final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}")
         renamed = False
         try:
-            self._make_folders(final.parent)
+            self._make_folders(final.parent)  # synced always: once a day, and other writers rely on it
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
+                _write_all(fd, parts)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, final)
             renamed = True
-            _fsync_directory(final.parent)
+            if sync:
+                _fsync_directory(final.parent)
         except OSError as e:
             leftover = final if renamed else temp
             try:
                 leftover.unlink(missing_ok=True)
             except OSError:
                 logger.exception("could not remove %s after a failed write", leftover)
-            raise StorageError(f"writing {len(data)} bytes under {self.root} failed: {e}") from e
-        stored = StoredFile(str(relative), hashlib.sha256(data).hexdigest(), len(data))
+            raise StorageError(f"writing {size} bytes under {self.root} failed: {e}") from e
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        stored = StoredFile(str(relative), digest.hexdigest(), size)
         logger.debug("stored %d bytes at %s", stored.size_bytes, stored.path)
         return stored
 

@@ -3,15 +3,24 @@ paths, on a SQLite file and on PostgreSQL."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.instances import fields_from_dataset, record_instance
-from storage.reconcile import QUARANTINE, quarantine_unrecorded, quarantined_files, store_files
+from storage.models import Instance
+from storage.reconcile import (
+    QUARANTINE,
+    quarantine_unrecorded,
+    quarantined_files,
+    rows_without_their_file,
+    store_files,
+)
 from storage.store import TEMP_PREFIX, InstanceStore
 from tests import storage_dbs
 from tests.storage_dbs import dicom_testfile
@@ -83,3 +92,31 @@ def test_nodes_mounting_one_store_at_different_paths_read_each_others_instances(
         assert not Path(row.path).is_absolute() and str(tmp_path) not in row.path
         path = row.path
     assert worker.open_dataset(path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_recent_rows_whose_file_a_crash_left_missing_or_short_are_named_and_left_alone(
+    tmp_path: Path, db_sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = InstanceStore(tmp_path / "store", 0)
+    rows = {}
+    for n in (1, 2, 3):
+        uid = f"1.2.826.0.1.3680043.8.498.{n}"
+        stored = store.write_dataset(_dataset(uid))
+        with db_sessions.begin() as session:
+            fields = fields_from_dataset(_dataset(uid))
+            fields.update(path=stored.path, sha256=stored.sha256, size_bytes=stored.size_bytes)
+            rows[n] = record_instance(session, origin="received", **fields).id
+    # The row reached the disk, the file did not (2) or only in part (3): a crash before the flush.
+    with db_sessions() as session:
+        by_id = {row_id: session.get(Instance, row_id) for row_id in rows.values()}
+    store.absolute(by_id[rows[2]].path).unlink()
+    third = store.absolute(by_id[rows[3]].path)
+    third.write_bytes(third.read_bytes()[:100])
+    caplog.set_level(logging.ERROR, logger="storage.reconcile")
+
+    broken = rows_without_their_file(store, db_sessions)
+
+    assert sorted(row.id for row in broken) == [rows[2], rows[3]]
+    assert "1.2.826.0.1.3680043.8.498.2" in caplog.text and "1.2.826.0.1.3680043.8.498.3" in caplog.text
+    assert store.absolute(by_id[rows[1]].path).exists() and third.exists()  # nothing changed
+    assert [row.id for row in rows_without_their_file(store, db_sessions, recent=1)] == [rows[3]]
