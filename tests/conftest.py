@@ -41,3 +41,22 @@ def tiny_pixel_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-pixel-model"), resolution=64, vae=False, clip=False)
+
+
+def received_row(session, uid: str):  # type: ignore[no-untyped-def]
+    """A minimal received-instance row (storage.instances.record_instance) for storage tests."""
+    from storage.instances import record_instance
+
+    return record_instance(
+        session,
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        origin="received",
+        path=f"{uid}.dcm",
+        sha256="0" * 64,
+        size_bytes=1,
+        synthetic=False,
+    )

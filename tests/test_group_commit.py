@@ -13,24 +13,8 @@ from sqlalchemy.orm import Session
 
 from dicomnode.group_commit import GroupCommitter
 from storage.db import make_engine, session_factory, upgrade
-from storage.instances import record_instance
 from storage.models import Instance
-
-
-def _row(session: Session, uid: str) -> Instance:
-    return record_instance(
-        session,
-        sop_instance_uid=uid,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        origin="received",
-        path=f"{uid}.dcm",
-        sha256="0" * 64,
-        size_bytes=1,
-        synthetic=False,
-    )
+from tests.conftest import received_row
 
 
 @pytest.fixture
@@ -52,12 +36,12 @@ def _run_behind_a_slow_unit(committer: GroupCommitter, uids: list[str]) -> dict[
 
     def slow(session: Session) -> Instance:
         release.wait(5)
-        return _row(session, "1.9")
+        return received_row(session, "1.9")
 
     def one(uid: str) -> None:
         try:
             work = (lambda s: (_ for _ in ()).throw(RuntimeError("intake broken"))) if uid == "bad" else None
-            results[uid] = committer.run(work or (lambda s: _row(s, uid)))
+            results[uid] = committer.run(work or (lambda s: received_row(s, uid)))
         except Exception as e:
             results[uid] = e
 
@@ -89,5 +73,5 @@ def test_a_failing_unit_fails_alone(committer: GroupCommitter) -> None:
     assert isinstance(results["1.2.1"], Instance) and isinstance(results["1.2.3"], Instance)
     assert _count(committer) == 3
     with pytest.raises(Exception, match="1.2.1"):
-        committer.run(lambda s: _row(s, "1.2.1"))
+        committer.run(lambda s: received_row(s, "1.2.1"))
     assert _count(committer) == 3

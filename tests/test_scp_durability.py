@@ -25,8 +25,8 @@ from dicomnode.errors import StorageError
 from dicomnode.group_commit import GroupCommitter
 from storage.db import make_engine, session_factory, upgrade
 from storage.durability import FilesystemFlush, FlushError, syncfs_supported
-from storage.instances import record_instance
 from storage.models import Instance
+from tests.conftest import received_row
 from tests.dicom_nodes import AE_TITLE, CALLING, Node, dcmtk_run, node_factory, pydicom_file, wait_until
 
 pytestmark = pytest.mark.skipif(not syncfs_supported(), reason="needs Linux >= 5.8 (syncfs reporting errors)")
@@ -160,22 +160,6 @@ def test_a_database_on_another_filesystem_is_flushed_too(tmp_path: Path) -> None
         flush.close()
 
 
-def _row(session: Session, uid: str) -> Instance:
-    return record_instance(
-        session,
-        sop_instance_uid=uid,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        origin="received",
-        path=f"{uid}.dcm",
-        sha256="0" * 64,
-        size_bytes=1,
-        synthetic=False,
-    )
-
-
 def _committer(tmp_path: Path, flush: Callable[[], None]) -> GroupCommitter:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
@@ -189,10 +173,10 @@ def test_a_group_is_flushed_once_before_any_of_its_units_returns(tmp_path: Path)
 
     def slow(session: Session) -> Instance:
         release.wait(5)
-        return _row(session, "1.9")
+        return received_row(session, "1.9")
 
     def one(uid: str) -> None:
-        committer.run(lambda s: _row(s, uid), durable=True)
+        committer.run(lambda s: received_row(s, uid), durable=True)
         returned.append(flush.flushes)
 
     first = threading.Thread(target=lambda: committer.run(slow, durable=True))
@@ -207,7 +191,7 @@ def test_a_group_is_flushed_once_before_any_of_its_units_returns(tmp_path: Path)
         t.join(10)
     assert (committer.batches, committer.largest) == (2, 5)
     assert flush.flushes == 2 and returned == [2] * 5  # one flush for the five, done before each returned
-    committer.run(lambda s: _row(s, "1.3"))  # not durable: no flush asked
+    committer.run(lambda s: received_row(s, "1.3"))  # not durable: no flush asked
     assert flush.flushes == 2
     flush.close()
 
@@ -218,6 +202,6 @@ def test_a_failed_flush_fails_its_units_but_keeps_their_rows(tmp_path: Path) -> 
 
     committer = _committer(tmp_path, failing)
     with pytest.raises(FlushError):
-        committer.run(lambda s: _row(s, "1.2.1"), durable=True)
+        committer.run(lambda s: received_row(s, "1.2.1"), durable=True)
     with committer.sessions() as session:
         assert session.query(Instance).count() == 1
