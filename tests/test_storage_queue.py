@@ -276,6 +276,7 @@ def _claim_all(url: str, worker_id: str, start: object, out: object) -> None:
     mine = []
     while claimed := claim_deliveries(sessions, worker_id, limit=3, now=utcnow()):
         mine += [d.id for d, _ in claimed]
+        time.sleep(0.01)  # a sender does its sends between claims: the other gets its turn on a loaded machine
     out.put((worker_id, mine))  # type: ignore[attr-defined]
     engine.dispose()
 
