@@ -35,7 +35,7 @@ from synthesis.drr import DrrGeometry, example_ct  # noqa: E402
 from synthesis.drr_dataset import IndexRow, render_dataset, simple_views  # noqa: E402
 from synthesis.eval_report import SELECTIONS_NAME, STATIC_SELECTIONS, Selection, format_selections  # noqa: E402
 from synthesis.eval_suite import Report, format_targets, run_evaluation  # noqa: E402
-from synthesis.evaluate import SUMMARY_NAME, format_table  # noqa: E402
+from synthesis.evaluate import GRID_NAME, SUMMARY_NAME, format_grid, format_table  # noqa: E402
 from synthesis.input_checks import CHECKS_JSON_NAME, format_checks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,8 @@ Figures = dict[tuple[str, ...], float]
 
 def stored_figures(folder: Path) -> Figures:
     """Every figure an evaluation folder holds, keyed by file and row: summary and selection means
-    (PSNR, SSIM) and the input checks' numbers (verdicts as 1 / 0). Missing files give nothing."""
+    (PSNR, SSIM), the patch-grid ratios and the input checks' numbers (verdicts as 1 / 0). Missing
+    files give nothing."""
     figures: Figures = {}
     for name, key_columns in ((SUMMARY_NAME, ("method", "azimuth")), (SELECTIONS_NAME, ("selection", "method"))):
         if (folder / name).is_file():
@@ -116,6 +117,9 @@ def stored_figures(folder: Path) -> Figures:
                 for r in csv.DictReader(f):
                     for metric in ("psnr", "ssim"):
                         figures[(name, *(r[c] for c in key_columns), metric)] = float(r[metric])
+    if (folder / GRID_NAME).is_file():
+        for key, value in json.loads((folder / GRID_NAME).read_text()).items():
+            figures[(GRID_NAME, key)] = float(value)
     if (folder / CHECKS_JSON_NAME).is_file():
         checks = json.loads((folder / CHECKS_JSON_NAME).read_text())
         for check in ("grey", "flip"):
@@ -198,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {name} ==")
             print(format_table(report.evaluation.summaries))
             print(format_selections(report.selections))
+            if report.evaluation.grid:
+                print(format_grid(report.evaluation.grid))
             if report.checks is not None:
                 print(format_checks(report.checks))
             print(format_targets(report.targets))

@@ -17,12 +17,15 @@ Methods:
   cos). It knows the angle but nothing of anatomy, depth or overlap: the floor for pose use.
 
 Writes ``metrics.csv`` (one row per method and target view), ``summary.csv`` (means per method per
-azimuth, overall, and over |azimuth| >= 30) and ``metrics.png`` (PSNR and SSIM against azimuth).
+azimuth, overall, and over |azimuth| >= 30) and ``metrics.png`` (PSNR and SSIM against azimuth);
+with a model also ``grid.json``: how strongly its patch grid shows in its views against the truth's
+(:func:`synthesis.metrics.patch_grid_ratio`, means over the views).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import time
@@ -35,7 +38,7 @@ import numpy as np
 
 from dicomnode.errors import SynthesisError
 from synthesis.drr_dataset import IndexRow, load_index
-from synthesis.metrics import psnr, ssim
+from synthesis.metrics import patch_grid_ratio, psnr, ssim
 from synthesis.training_data import RowFilter, load_drr_image
 
 if TYPE_CHECKING:  # torch and diffusers load with the model, not with this module
@@ -46,6 +49,7 @@ logger = logging.getLogger(__name__)
 METRICS_NAME = "metrics.csv"
 SUMMARY_NAME = "summary.csv"
 PLOT_NAME = "metrics.png"
+GRID_NAME = "grid.json"
 METRICS_COLUMNS = ("method", "case", "augmentation", "azimuth", "elevation", "psnr", "ssim")
 SUMMARY_COLUMNS = ("method", "azimuth", "n", "psnr", "ssim")
 WIDE_AZIMUTH = 30.0  # degrees: "wide" views, where the PA input alone is a poor answer
@@ -147,6 +151,8 @@ class EvaluationResult:
     metrics_csv: Path
     summary_csv: Path
     plot: Path
+    # With a model: {"block": patch in pixels, "views": n, "model": mean ratio, "truth": mean ratio}.
+    grid: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.summaries:
@@ -228,6 +234,8 @@ def evaluate(
         raise SynthesisError(f"without a model, give a resolution >= 1 (got {resolution!r})")
 
     scores: list[Score] = []
+    block = pipe.size_multiple if pipe is not None and resolution >= 2 * pipe.size_multiple else 1
+    grid_ratios: dict[str, list[float]] = {"model": [], "truth": []}
     for number, (pa_row, targets) in enumerate(groups, start=1):
         started = time.perf_counter()
         pa = load_drr_image(data_dir / pa_row.path, resolution)
@@ -245,6 +253,9 @@ def evaluate(
             )
             images = output[0] if isinstance(output, tuple) else output.images
             predictions["model"] = list(np.asarray(images, dtype=np.float32))
+            if block >= 2:
+                grid_ratios["model"] += [patch_grid_ratio(image, block) for image in predictions["model"]]
+                grid_ratios["truth"] += [patch_grid_ratio(truth, block) for truth in truths]
         for name, baseline in BASELINES.items():
             predictions[name] = [baseline(pa, row.azimuth, row.elevation) for row in targets]
         for method, images in predictions.items():
@@ -272,6 +283,11 @@ def evaluate(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = summarise(scores)
+    grid: dict[str, float] | None = None
+    if grid_ratios["model"]:
+        grid = {"block": block, "views": len(grid_ratios["model"])}
+        grid |= {name: float(np.mean(values)) for name, values in grid_ratios.items()}
+        (out_dir / GRID_NAME).write_text(json.dumps(grid, indent=2) + "\n", encoding="utf-8")
     result = EvaluationResult(
         summaries,
         tuple(scores),
@@ -279,6 +295,7 @@ def evaluate(
         write_metrics(scores, out_dir / METRICS_NAME),
         write_summary(summaries, out_dir / SUMMARY_NAME),
         plot_metrics(summaries, out_dir / PLOT_NAME),
+        grid,
     )
     logger.info("evaluation written to %s", out_dir)
     return result
@@ -380,3 +397,13 @@ def plot_metrics(summaries: dict[str, MethodSummary], path: Path) -> Path:
     figure.suptitle("synthesised views against ground-truth DRRs (mean per azimuth)")
     figure.savefig(path, dpi=100)
     return path
+
+
+def format_grid(grid: dict[str, float] | None) -> str:
+    """One line on the patch grid of the model's views, or nothing without a model."""
+    if not grid:
+        return ""
+    return (
+        f"patch grid ({int(grid['block'])} px, {int(grid['views'])} views): step across patch edges / "
+        f"inside patches {grid['model']:.3f} in the model's views, {grid['truth']:.3f} in the truth (1 = no grid)"
+    )

@@ -88,3 +88,25 @@ def ssim_map(pred: np.ndarray, target: np.ndarray, data_range: float = 1.0) -> n
 def ssim(pred: np.ndarray, target: np.ndarray, data_range: float = 1.0) -> float:
     """Mean structural similarity (Wang et al. 2004) over the valid region; 1 for identical images."""
     return float(np.mean(ssim_map(pred, target, data_range)))
+
+
+def patch_grid_ratio(image: np.ndarray, block: int) -> float:
+    """How strongly a ``block``-pixel grid shows: the mean absolute step between neighbouring pixels
+    across block edges over the mean step between neighbours inside blocks (rows and columns alike).
+
+    About 1 for an image without a grid (a DRR); a patch model whose tokens do not join up draws
+    steps at its patch edges and scores above 1. A flat image scores 1.
+    """
+    x = np.asarray(image, dtype=np.float64)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise SynthesisError(f"the grid ratio needs one finite 2-D image, got shape {x.shape}")
+    if block < 2 or min(x.shape) < 2 * block:
+        raise SynthesisError(f"the grid ratio needs a block >= 2 and an image of two blocks, got {block}, {x.shape}")
+    steps_x, steps_y = np.abs(np.diff(x, axis=1)), np.abs(np.diff(x, axis=0))
+    edge_x = np.arange(steps_x.shape[1]) % block == block - 1  # between column k*block-1 and k*block
+    edge_y = np.arange(steps_y.shape[0]) % block == block - 1
+    across = np.concatenate([steps_x[:, edge_x].ravel(), steps_y[edge_y, :].ravel()]).mean()
+    inside = np.concatenate([steps_x[:, ~edge_x].ravel(), steps_y[~edge_y, :].ravel()]).mean()
+    if inside == 0.0:
+        return 1.0 if across == 0.0 else math.inf
+    return float(across / inside)

@@ -32,6 +32,7 @@ from diffusers import DDPMScheduler, PixArtTransformer2DModel
 
 from dicomnode.errors import ModelLoadError, SynthesisError
 from synthesis.architecture import Architecture, build_components
+from synthesis.patch_growth import grow_patch
 from synthesis.pipeline import SvdrrPipeline
 from synthesis.projection import CCProjection
 from synthesis.training_data import DrrTrainingPairs, RowFilter
@@ -71,6 +72,8 @@ class TrainConfig:
     # A PixArt-Sigma diffusers folder (transformer/ with 4 input channels, vae/): the recipe's start.
     init_pixart: Path | None = None
     init_image_encoder: Path | None = None  # with init_pixart: a CLIP vision folder; None = pose-only token
+    # With init_from: patch and sample size multiplied by this, the model's function kept (patch_growth.py).
+    grow_patch: int = 1
     warmup_steps: int = 1000
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -97,6 +100,8 @@ class TrainConfig:
             raise SynthesisError(f"give exactly one of arch, init_from or init_pixart, got {starts!r}")
         if self.init_image_encoder is not None and self.init_pixart is None:
             raise SynthesisError("init_image_encoder goes with init_pixart")
+        if self.grow_patch < 1 or (self.grow_patch > 1 and self.init_from is None):
+            raise SynthesisError(f"grow_patch is a factor >= 1 and goes with init_from, got {self.grow_patch}")
         probs = (self.p_drop_clip, self.p_drop_both, self.p_drop_latent)
         if min(probs) < 0 or sum(probs) > 1 + 1e-9:
             raise SynthesisError(f"dropout probabilities must be >= 0 and sum to <= 1, got {probs}")
@@ -120,6 +125,7 @@ class TrainConfig:
             "arch": repr(self.arch),
             "prediction_type": self.prediction_type,
             "init": [str(p) for p in (self.init_from, self.init_pixart, self.init_image_encoder) if p is not None],
+            **({"grow_patch": self.grow_patch} if self.grow_patch != 1 else {}),
         }
 
 
@@ -356,7 +362,9 @@ def _save_checkpoint(out_dir: Path, model: TrainingModel, state: dict[str, Any])
 
 def _initial_components(config: TrainConfig) -> dict[str, Any]:
     if config.init_from is not None:
-        return dict(SvdrrPipeline.from_pretrained(config.init_from).components)
+        components = dict(SvdrrPipeline.from_pretrained(config.init_from).components)
+        components["transformer"] = grow_patch(components["transformer"], config.grow_patch)
+        return components
     if config.init_pixart is not None:
         return pixart_components(config.init_pixart, config.init_image_encoder)
     assert config.arch is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from synthesis.evaluate import (
     MeanScore,
     evaluate,
     foreshortened,
+    format_grid,
     format_table,
     identity,
     read_metrics,
     summarise,
 )
-from synthesis.metrics import gaussian_window, psnr, ssim
+from synthesis.metrics import gaussian_window, patch_grid_ratio, psnr, ssim
 from tests.tiny_model import make_tiny_model
 
 RNG = np.random.default_rng(7)
@@ -117,6 +119,22 @@ def _bright_width(image: np.ndarray) -> float:
     """Width of the content in columns, counting partial (edge-averaged) columns fractionally."""
     profile = image[0]
     return float(profile.sum() / profile.max())
+
+
+def test_patch_grid_ratio_sees_block_edges_only_at_their_period() -> None:
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    smooth = np.sin(3 * xx) + np.cos(2 * yy)
+    assert patch_grid_ratio(smooth, 8) == pytest.approx(1.0, abs=0.05)  # no grid in a smooth image
+    assert patch_grid_ratio(np.full((64, 64), 0.3), 8) == 1.0
+    blocks = smooth + 0.5 * np.kron(RNG.random((8, 8)), np.ones((8, 8)))  # steps at every 8th pixel
+    assert patch_grid_ratio(blocks, 8) > 3.0
+    assert patch_grid_ratio(blocks, 4) > 1.5 and patch_grid_ratio(blocks, 4) < patch_grid_ratio(blocks, 8)
+    shifted = np.roll(blocks, 4, axis=(0, 1))  # the same steps, off the 8 px grid the ratio looks at
+    assert patch_grid_ratio(shifted, 8) < 1.0
+    with pytest.raises(SynthesisError, match="grid ratio"):
+        patch_grid_ratio(smooth, 1)
+    with pytest.raises(SynthesisError, match="grid ratio"):
+        patch_grid_ratio(smooth[:12, :12], 8)
 
 
 def test_identity_is_a_copy_of_the_input() -> None:
@@ -234,6 +252,12 @@ def test_evaluate_with_a_model_writes_metrics_summary_and_plot(dataset: Path, mo
     assert int(wide_model["n"]) == 4 * groups
     table = format_table(result.summaries)
     assert "abs>=30" in table and "model PSNR" in table and len(table.splitlines()) == 2 + 5 + 3
+
+    # The patch grid of the model's views (tiny model: patch 2 px), beside the truth's.
+    grid = json.loads((tmp_path / "eval" / "grid.json").read_text())
+    assert grid == result.grid and grid["block"] == 2 and grid["views"] == len(TARGETS) * groups
+    assert grid["truth"] == pytest.approx(1.0, abs=0.2) and grid["model"] > 0
+    assert "2 px" in format_grid(grid) and format_grid(None) == ""
 
 
 def test_evaluate_baselines_only_on_a_selection(dataset: Path, tmp_path: Path) -> None:

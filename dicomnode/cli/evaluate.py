@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     from synthesis.eval_report import STATIC_SELECTIONS, format_selections
     from synthesis.eval_suite import format_targets, run_evaluation
-    from synthesis.evaluate import format_table
+    from synthesis.evaluate import format_grid, format_table
     from synthesis.input_checks import format_checks
 
     # A SynthesisError from here on (unreadable image, bad model) is FAILURE via main.
@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result.summaries))
     print()
     print(format_selections(report.selections))
+    if result.grid:
+        print(format_grid(result.grid))
     if report.checks is not None:
         print()
         print(format_checks(report.checks))

@@ -53,6 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="LAYERS,HEADS,HEAD_DIM,PATCH",
         help="with --arch demo: another pixel-space shape (default 6,4,32,4: 1.75 M parameters)",
     )
+    p.add_argument(
+        "--grow-patch",
+        type=int,
+        default=1,
+        metavar="FACTOR",
+        help="with --from: patch and image size FACTOR times larger, each new pixel starting as its old one "
+        "(a 64 px patch-4 model continues at 128 px with patch 8: the same tokens, the same cost per step)",
+    )
     p.add_argument("--image-encoder", type=Path, metavar="DIR", help="with --from-pixart: a CLIP vision model folder")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, noise and dropout")
     p.add_argument("--warmup-steps", type=int, default=1000, help="linear lr warm-up steps per stage")
@@ -134,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             init_from=args.init_from,
             init_pixart=args.init_pixart,
             init_image_encoder=args.image_encoder,
+            grow_patch=args.grow_patch,
             warmup_steps=args.warmup_steps,
             checkpoint_every=args.checkpoint_every,
             gradient_checkpointing=args.gradient_checkpointing,
