@@ -43,6 +43,8 @@ CHECKPOINTS_DIR = "checkpoints"
 LOSS_LOG = "loss.csv"
 MODEL_DIR = "model"
 TRAINER_STATE = "trainer.pt"
+# A grown patch starts with this much symmetry-breaking noise (patch_growth.py: else it stays blocky).
+GROW_JITTER = 0.25
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class TrainConfig:
             "arch": repr(self.arch),
             "prediction_type": self.prediction_type,
             "init": [str(p) for p in (self.init_from, self.init_pixart, self.init_image_encoder) if p is not None],
-            **({"grow_patch": self.grow_patch} if self.grow_patch != 1 else {}),
+            **({"grow_patch": self.grow_patch, "grow_jitter": GROW_JITTER} if self.grow_patch != 1 else {}),
         }
 
 
@@ -363,7 +365,9 @@ def _save_checkpoint(out_dir: Path, model: TrainingModel, state: dict[str, Any])
 def _initial_components(config: TrainConfig) -> dict[str, Any]:
     if config.init_from is not None:
         components = dict(SvdrrPipeline.from_pretrained(config.init_from).components)
-        components["transformer"] = grow_patch(components["transformer"], config.grow_patch)
+        components["transformer"] = grow_patch(
+            components["transformer"], config.grow_patch, jitter=GROW_JITTER, seed=config.seed
+        )
         return components
     if config.init_pixart is not None:
         return pixart_components(config.init_pixart, config.init_image_encoder)

@@ -47,6 +47,25 @@ def test_grown_model_computes_the_small_models_function_on_block_means(factor: i
     assert torch.equal(big[..., 0::factor, 0::factor], big[..., factor - 1 :: factor, factor - 1 :: factor])
 
 
+def test_jitter_breaks_the_block_symmetry_but_keeps_block_means_for_block_constant_images() -> None:
+    small = _trained_like_transformer()
+    grown = grow_patch(small, 2, jitter=0.25, seed=3)
+    again = grow_patch(small, 2, jitter=0.25, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(grown.state_dict().values(), again.state_dict().values(), strict=True))
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, 32, 32, generator=generator)
+    tokens = torch.randn(2, 1, small.config.cross_attention_dim, generator=generator)
+    steps = torch.tensor([100, 700])
+    with torch.no_grad():
+        blocky = grown(x.repeat_interleave(2, 2).repeat_interleave(2, 3), encoder_hidden_states=tokens, timestep=steps)
+        ref = small(x, encoder_hidden_states=tokens, timestep=steps).sample
+    assert torch.allclose(F.avg_pool2d(blocky.sample, 2), ref, atol=1e-5)
+    inside = blocky.sample - F.avg_pool2d(blocky.sample, 2).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    assert inside.abs().mean() > 1e-3  # the pixels of a block can now differ: no saddle to sit on
+    with pytest.raises(SynthesisError, match="jitter"):
+        grow_patch(small, 2, jitter=-1.0)
+
+
 def test_factor_one_is_the_same_model_and_bad_factors_are_refused(tmp_path: Path) -> None:
     small = _trained_like_transformer()
     assert grow_patch(small, 1) is small
