@@ -53,17 +53,15 @@ def grow_patch(
 
     state = dict(transformer.state_dict())
     kernel = state["pos_embed.proj.weight"]  # [hidden, in, p, p]
-    state["pos_embed.proj.weight"] = (
-        kernel.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3) / factor**2
-    )
+    state["pos_embed.proj.weight"] = _repeat_pixels(kernel, factor, (2, 3)) / factor**2
     # proj_out rows are laid out (row in patch, column in patch, channel): see PixArt's unpatchify.
     out_channels = int(grown.out_channels)
     weight = state["proj_out.weight"]
-    state["proj_out.weight"] = _repeat_rows(weight.reshape(patch, patch, out_channels, -1), factor).reshape(
+    state["proj_out.weight"] = _repeat_pixels(weight.reshape(patch, patch, out_channels, -1), factor, (0, 1)).reshape(
         -1, weight.shape[-1]
     )
     bias = state["proj_out.bias"]
-    state["proj_out.bias"] = _repeat_rows(bias.reshape(patch, patch, out_channels), factor).reshape(-1)
+    state["proj_out.bias"] = _repeat_pixels(bias.reshape(patch, patch, out_channels), factor, (0, 1)).reshape(-1)
     if jitter < 0:
         raise SynthesisError(f"jitter is a fraction >= 0 of the weights' RMS, got {jitter}")
     if jitter > 0:
@@ -78,9 +76,9 @@ def grow_patch(
     return grown.to(kernel.device)
 
 
-def _repeat_rows(table, factor: int):
-    """Each (row, column) entry of a per-pixel table repeated into a ``factor`` x ``factor`` block."""
-    return table.repeat_interleave(factor, dim=0).repeat_interleave(factor, dim=1).contiguous()
+def _repeat_pixels(table, factor: int, axes: tuple[int, int]):  # noqa: ANN001, ANN202
+    """Each entry along the two pixel ``axes`` (row, column) repeated into a ``factor`` x ``factor`` block."""
+    return table.repeat_interleave(factor, dim=axes[0]).repeat_interleave(factor, dim=axes[1]).contiguous()
 
 
 def _zero_block_sum_noise(table, factor: int, jitter: float, generator):  # noqa: ANN001, ANN202

@@ -58,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         metavar="FACTOR",
-        help="with --from: patch and image size FACTOR times larger, each new pixel starting as its old one "
-        "(a 64 px patch-4 model continues at 128 px with patch 8: the same tokens, the same cost per step)",
+        help="with --from: patch and image size FACTOR times larger, each block starting as its old pixel plus "
+        "a small symmetry-breaking jitter (a 64 px patch-4 model continues at 128 px with patch 8: the same "
+        "tokens, the same cost per step)",
     )
     p.add_argument("--image-encoder", type=Path, metavar="DIR", help="with --from-pixart: a CLIP vision model folder")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, noise and dropout")
