@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -491,6 +492,10 @@ def worker_main(
     exits at once instead of running on unsupervised. Its job's lease then runs out, or the
     restarted node requeues it; either way the fencing token keeps this worker from writing.
     """
+    # The node alone decides when its workers stop (through ``stop``); a signal sent to the whole
+    # process group (Ctrl-C, systemd, timeout) must not kill a worker in the middle of a job.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s")
     quiet_libraries(show=log_level <= logging.DEBUG)  # as the CLI set it in the parent (spawn forgets)
     if parent_pid is not None:
@@ -513,4 +518,5 @@ def exit_with_parent(parent_pid: int, worker_id: str, interval_s: float = PARENT
         time.sleep(interval_s)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the node's to handle; its workers ignore them
 EXIT_PARENT_GONE = 75  # EX_TEMPFAIL: nothing wrong with the job, the node went away

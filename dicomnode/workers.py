@@ -9,6 +9,13 @@ Worker ids are ``<node name>/worker-<i>`` (``node.name``, unique per machine), s
 restarts requeues only its own workers' jobs; jobs held by other nodes' workers are reclaimed
 when their leases expire (:func:`storage.jobs.reclaim_expired_jobs`, on the scheduler). Each
 worker is told the node's pid and exits when the node dies.
+
+Stopping is the node's alone: once running, workers ignore SIGINT and SIGTERM (Ctrl-C, systemd's
+``KillMode=control-group`` and ``timeout`` signal every process of the node) and leave when the
+pool's :class:`StopLatch` opens. (A worker still importing Python packages when the signal comes
+dies of it; it holds no job yet, and the node stops all the same.) The latch is a pipe, not a
+``multiprocessing.Event``: setting an Event waits for every process asleep on it to wake, so one
+worker that died while waiting (SIGKILL, the OOM killer) would hang the node's shutdown for ever.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+from multiprocessing.connection import Connection
 from typing import Any
 
 from sqlalchemy import select
@@ -30,13 +38,40 @@ from storage.queue import LeaseLost
 logger = logging.getLogger(__name__)
 
 
+class StopLatch:
+    """A one-way stop signal for processes: the ``is_set`` / ``wait`` / ``set`` of an Event.
+
+    The parent keeps the pipe's write end; each worker polls the read end, which reads as ready
+    once the parent closes the write end (EOF). Nothing ever waits on a reader, so a dead worker
+    cannot block :meth:`set`.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self._reader, self._writer = ctx.Pipe(duplex=False)
+        self._set = False
+
+    def __getstate__(self) -> dict[str, Any]:  # a worker gets the read end only, never the write end
+        return {"_reader": self._reader, "_writer": None, "_set": False}
+
+    def is_set(self) -> bool:
+        return self._set or self._reader.poll(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._set or self._reader.poll(timeout)
+
+    def set(self) -> None:
+        if not self._set and isinstance(self._writer, Connection):
+            self._writer.close()
+        self._set = True
+
+
 class WorkerPool:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], grace_s: float = 60.0):
         self.settings = settings
         self.sessions = sessions
         self.grace_s = grace_s
         self.ctx = mp.get_context("spawn")
-        self.stop_event = self.ctx.Event()
+        self.stop_event = StopLatch(self.ctx)
         self.processes: dict[str, Any] = {}
 
     def worker_ids(self) -> list[str]:
@@ -99,9 +134,9 @@ class WorkerPool:
         self.stop_event.set()
         for worker_id, proc in self.processes.items():
             proc.join(self.grace_s)
-            if proc.is_alive():
-                logger.warning("worker %s did not finish in %.0f s; terminating it", worker_id, self.grace_s)
-                proc.terminate()
+            if proc.is_alive():  # it ignores SIGTERM (see the module doc): kill it
+                logger.warning("worker %s did not finish in %.0f s; killing it", worker_id, self.grace_s)
+                proc.kill()
                 proc.join(10)
         requeued = self.requeue_own_jobs()
         if requeued:
