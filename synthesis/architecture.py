@@ -63,6 +63,7 @@ class Architecture:
     vae: dict[str, Any] | None = None
     clip: dict[str, Any] | None = None
     pixel_channels: int = 1  # latent channels in pixel space (no VAE)
+    aligned_condition: bool = False  # pixel space: also the PA foreshortened to the view (synthesis.aligned)
 
     def __post_init__(self) -> None:
         scale = self.vae_scale_factor
@@ -72,6 +73,8 @@ class Architecture:
             )
         if min(self.layers, self.heads, self.head_dim, self.pixel_channels) < 1:
             raise SynthesisError(f"architecture sizes must be positive: {self}")
+        if self.aligned_condition and (self.vae or self.pixel_channels != 1):
+            raise SynthesisError("the aligned condition is for pixel-space models with one channel")
 
     @property
     def vae_scale_factor(self) -> int:
@@ -94,7 +97,7 @@ class Architecture:
         return {
             "num_attention_heads": self.heads,
             "attention_head_dim": self.head_dim,
-            "in_channels": 2 * c,
+            "in_channels": (3 if self.aligned_condition else 2) * c,
             "out_channels": 2 * c if self.learned_sigma else c,
             "num_layers": self.layers,
             "cross_attention_dim": self.hidden,
@@ -153,12 +156,19 @@ def tiny(
 
 
 def demo(
-    resolution: int = 64, *, layers: int = 6, heads: int = 4, head_dim: int = 32, patch_size: int = 4
+    resolution: int = 64,
+    *,
+    layers: int = 6,
+    heads: int = 4,
+    head_dim: int = 32,
+    patch_size: int = 4,
+    aligned_condition: bool = False,
 ) -> Architecture:
     """The shipped demo model's shape: pixel space, pose-only token, patch 4, ~1.75 M parameters.
 
     Small enough to train on a CPU in under an hour and to ship (< 25 MB of weights). The keywords
-    give other pixel-space shapes of the same kind (``dicomnode train --arch demo --shape``).
+    give other pixel-space shapes of the same kind (``dicomnode train --arch demo --shape``);
+    ``aligned_condition`` adds the view-aligned input channel (:mod:`synthesis.aligned`).
     """
     return Architecture(
         resolution=resolution,
@@ -168,6 +178,7 @@ def demo(
         patch_size=patch_size,
         vae=None,
         clip=None,
+        aligned_condition=aligned_condition,
     )
 
 

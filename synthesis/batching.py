@@ -91,7 +91,7 @@ def synthesize_many(
         pose = torch.tensor([r.view.pose() for r in chunk], dtype=torch.float32, device=latents.device)[:, None, :]
         if embeds[0] is not None:
             pose = torch.cat([torch.cat([_present(embeds[r.request]) for r in chunk]), pose], dim=-1)
-        cond = torch.cat([conds[r.request] for r in chunk])
+        cond = torch.cat([pipe.condition_for(conds[r.request], [r.view]) for r in chunk])
         pad = max_batch - len(chunk)
         if pad:  # same shapes for every chunk: see the module docstring
             latents, pose, cond = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (latents, pose, cond))

@@ -108,7 +108,7 @@ def denoising_score(
         x0 = target.expand(n, -1, -1, -1)
         noisy = alpha * x0 + sigma * eps
         tokens = pipe.encode_tokens([View(0.0, 0.0)] * n, pipe.encode_image_embeds(x))
-        cond_in = cond.expand(n, -1, -1, -1)
+        cond_in = pipe.condition_for(cond, [View(0.0, 0.0)] * n)
         if not conditional:
             tokens = torch.zeros_like(tokens)
             cond_in = torch.zeros_like(cond_in)

@@ -26,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPVisionModelWithProjection
 
 from dicomnode.errors import SynthesisError
+from synthesis.aligned import aligned_condition, is_aligned
 from synthesis.checkpoint import WEIGHTED, load_components, save_components
 from synthesis.fastpath import FastPath, plan_chunks
 from synthesis.identity import identity_of_folder, identity_of_modules
@@ -116,10 +117,10 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
     def _check_components(self) -> None:
         cfg = self.transformer.config
         c = self.latent_channels
-        if cfg.in_channels != 2 * c:
+        if cfg.in_channels != 2 * c and not self.aligned:
             raise SynthesisError(
-                f"transformer in_channels must be 2 x latent channels ({2 * c}): [noisy | condition], "
-                f"got {cfg.in_channels}"
+                f"transformer in_channels must be 2 x latent channels ({2 * c}): [noisy | condition] "
+                f"(or 3 in pixel space: [noisy | PA | PA foreshortened]), got {cfg.in_channels}"
             )
         if cfg.out_channels not in (c, 2 * c):
             raise SynthesisError(
@@ -142,6 +143,11 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def aligned(self) -> bool:
+        """A pixel-space model that also takes the PA foreshortened to each view (synthesis.aligned)."""
+        return is_aligned(self.transformer.config.in_channels, self.vae is None)
 
     @property
     def latent_channels(self) -> int:
@@ -206,6 +212,16 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
         rgb = x.expand(-1, int(self.vae.config.in_channels), -1, -1).to(self.vae.dtype)
         return self.vae.encode(rgb).latent_dist.mode().to(torch.float32)
 
+    def condition_for(self, cond_latent: torch.Tensor, views: Sequence[View]) -> torch.Tensor:
+        """The transformer's condition channels for each view: (n, ., H, W), n = len(views).
+
+        The condition latent itself for every view, or for an aligned model [PA | PA foreshortened].
+        """
+        if not self.aligned:
+            return cond_latent.expand(len(views), -1, -1, -1)
+        pose = torch.tensor([v.pose() for v in views], dtype=torch.float32, device=cond_latent.device)
+        return aligned_condition(cond_latent, pose)
+
     def encode_tokens(self, views: Sequence[View], image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Cross-attention context: ``cc_projection([image_embeds | pose])`` -> [n, 1, D]."""
         pose = torch.tensor([v.pose() for v in views], dtype=torch.float32, device=self._execution_device)
@@ -229,7 +245,7 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
         self,
         latents: torch.Tensor,
         tokens: torch.Tensor,
-        cond_latent: torch.Tensor,
+        cond: torch.Tensor,
         num_inference_steps: int,
         guidance_scale: float,
         progress: Any,
@@ -240,7 +256,7 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
         do_cfg = guidance_scale > 1.0
         scheduler = copy.deepcopy(self.scheduler)  # the multistep solver keeps state: one per chunk
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        cond = cond_latent.expand(n, -1, -1, -1)
+        cond = cond.expand(n, -1, -1, -1)  # (1 or n, ., H, W): see condition_for
         if do_cfg:
             # Null branch first (spec: batch [uncond, cond]): all-zero token and all-zero latent.
             context = torch.cat([torch.zeros_like(tokens), tokens]).to(dtype)
@@ -349,13 +365,13 @@ class SvdrrPipeline(DiffusionPipeline):  # type: ignore[misc]
                 chunk_views = [views[i] for i in chunk]
                 latents = self.prepare_latents([generators[i] for i in chunk], height, width)
                 tokens = self.encode_tokens(chunk_views, image_embeds)
+                cond = self.condition_for(cond_latent, chunk_views)
                 pad = size - len(chunk)
                 if pad:
                     latents = torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)])
                     tokens = torch.cat([tokens, tokens[-1:].expand(pad, -1, -1)])
-                latents = self._denoise(
-                    latents, tokens, cond_latent, num_inference_steps, guidance_scale, progress
-                )
+                    cond = torch.cat([cond, cond[-1:].expand(pad, -1, -1, -1)])
+                latents = self._denoise(latents, tokens, cond, num_inference_steps, guidance_scale, progress)
                 t1 = time.perf_counter()
                 outputs.append(self.decode_latents(latents)[: len(chunk)])
                 t2 = time.perf_counter()

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, PixArtTransformer2DModel
 
 from dicomnode.errors import ModelLoadError, SynthesisError
+from synthesis.aligned import aligned_condition, is_aligned
 from synthesis.architecture import Architecture, build_components
 from synthesis.patch_growth import grow_patch
 from synthesis.pipeline import SvdrrPipeline
@@ -242,6 +243,8 @@ class TrainingModel:
             context = torch.cat([embeds, context], dim=-1)
         tokens = self.cc_projection(context) * (~drop_both).to(torch.float32)[:, None, None]
         keep_latent = (~(drop_both | drop_latent)).to(torch.float32)[:, None, None, None]
+        if is_aligned(self.transformer.config.in_channels, self.vae is None):
+            cond_latent = aligned_condition(cond_latent, pose.to(device))
         model_in = torch.cat([noisy, cond_latent * keep_latent], dim=1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = self.transformer(

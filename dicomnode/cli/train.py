@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --arch demo: another pixel-space shape (default 6,4,32,4: 1.75 M parameters)",
     )
     p.add_argument(
+        "--aligned-condition",
+        action="store_true",
+        help="with --arch demo: also condition on the PA foreshortened to each requested view "
+        "(3 input channels; synthesis/aligned.py)",
+    )
+    p.add_argument(
         "--grow-patch",
         type=int,
         default=1,
@@ -121,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
             resolution = stages[0].resolution
             name = args.arch or "published"
             shape = parse_shape(args.shape) if args.shape else {}
-            if shape and name != "demo":
-                raise SynthesisError("--shape goes with --arch demo (a pixel-space model)")
+            if (shape or args.aligned_condition) and name != "demo":
+                raise SynthesisError("--shape and --aligned-condition go with --arch demo (a pixel-space model)")
             arch = {
-                "demo": lambda: demo(resolution, **shape),
+                "demo": lambda: demo(resolution, **shape, aligned_condition=args.aligned_condition),
                 "tiny-pixel": lambda: tiny(resolution, vae=False, clip=False),
                 "tiny": lambda: tiny(resolution),
                 "published": lambda: published(resolution),
