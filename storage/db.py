@@ -53,6 +53,15 @@ def sqlite_file(url: URL) -> Path | None:
     return Path(database).expanduser()
 
 
+def missing_sqlite_file(database_url: str) -> Path | None:
+    """The file of a SQLite database URL when that file does not exist yet, else None."""
+    url = _parse_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        return None
+    path = sqlite_file(url)
+    return path if path is not None and not path.exists() else None
+
+
 def _sqlite_configurer(synchronous: str) -> Callable[[Any, Any], None]:
     def configure(dbapi_connection: Any, connection_record: Any) -> None:
         cursor = dbapi_connection.cursor()

@@ -13,6 +13,7 @@ from storage.db import head_revision, make_engine, session_factory
 from storage.deliveries import DeliveryTarget, create_deliveries, mark_failed
 from storage.jobs import claim_next_job, enqueue_job, fail_job
 from storage.models import Delivery, Instance, Job
+from tests.conftest import free_port
 from tests.peers import node_config
 
 
@@ -97,6 +98,20 @@ def test_commands_refuse_a_database_that_was_never_upgraded(tmp_path: Path, caps
     (tmp_path / "var").mkdir()
     assert main(["jobs", "--config", str(path)]) == ExitCode.FAILURE
     assert "db upgrade" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["jobs", "deliveries", "status"])
+def test_reading_commands_never_create_the_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Before the node first starts there is no database; a status or list command says so and
+    leaves no empty file behind (the node creates and migrates it when it starts)."""
+    path = node_config(tmp_path, port=free_port(), model=tmp_path / "model", pacs_port=None)
+    database = tmp_path / "var" / "dicomnode.sqlite"
+    assert main([command, "--config", str(path)]) == ExitCode.FAILURE
+    assert f"no database at {database} yet" in capsys.readouterr().err
+    assert not database.exists()
+    assert main(["db", "upgrade", "--config", str(path)]) == ExitCode.OK and database.is_file()
 
 
 def test_deliveries_resend_failed_in_bulk_for_one_peer(config: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings, load_settings
+from dicomnode.errors import StorageError
 
 _NUMBER = r"-?(\d+\.?\d*|\.\d+)"
 _ANGLE_LIST = re.compile(rf"^-(\d+\.?\d*|\.\d+)(,{_NUMBER})*$")
@@ -40,8 +41,19 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
 
 
 def open_sessions(settings: Settings, migrate: bool = False) -> sessionmaker[Session]:
-    from storage.db import check_schema, make_engine, session_factory, upgrade
+    """Sessions on the node's database: migrated to head with ``migrate``, otherwise only checked.
 
+    A reading command never creates the database: without ``migrate`` a SQLite file that does not
+    exist yet is an error, not a new empty file (the node creates and migrates it when it starts).
+    """
+    from storage.db import check_schema, make_engine, missing_sqlite_file, session_factory, upgrade
+
+    missing = None if migrate else missing_sqlite_file(settings.node.effective_database_url)
+    if missing is not None:
+        raise StorageError(
+            f"no database at {missing} yet: the node creates it when it first starts (`dicomnode serve`), "
+            "or run `dicomnode db upgrade`"
+        )
     engine = make_engine(settings.node.effective_database_url)
     if migrate:
         upgrade(engine)
