@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-from multiprocessing.connection import Connection
 from typing import Any
 
 from sqlalchemy import select
@@ -60,7 +59,7 @@ class StopLatch:
         return self._set or self._reader.poll(timeout)
 
     def set(self) -> None:
-        if not self._set and isinstance(self._writer, Connection):
+        if not self._set and self._writer is not None:
             self._writer.close()
         self._set = True
 

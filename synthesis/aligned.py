@@ -28,21 +28,22 @@ def is_aligned(in_channels: int, pixel_space: bool) -> bool:
     return pixel_space and int(in_channels) == 3
 
 
-def squeeze_matrices(scales: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, size, size) matrices M with ``M @ v`` squeezing the vector v about its centre by each scale.
+def squeeze_matrices(scales: torch.Tensor, size: int, min_scale: float = MIN_SCALE) -> torch.Tensor:
+    """(n, size, size) float64 matrices M with ``M @ v`` squeezing the vector v about its centre by each scale.
 
     Output pixel x covers input interval c + (x - c +- 0.5) / s; it takes the mean of the input over
     that interval (the overlap of the interval with each input pixel, times s). Scale 1 gives the
-    identity.
+    identity. The evaluation's *foreshortened* baseline (:func:`synthesis.evaluate.foreshortened`)
+    is the same squeeze.
     """
-    s = scales.to(torch.float64).clamp(MIN_SCALE, 1.0)[:, None, None]
+    s = scales.to(torch.float64).clamp(min_scale, 1.0)[:, None, None]
     centre = (size - 1) / 2
     x = torch.arange(size, dtype=torch.float64)[None, :, None]  # output pixel
     j = torch.arange(size, dtype=torch.float64)[None, None, :]  # input pixel
     lo = centre + (x - 0.5 - centre) / s
     hi = centre + (x + 0.5 - centre) / s
     overlap = (torch.minimum(hi, j + 0.5) - torch.maximum(lo, j - 0.5)).clamp(min=0)
-    return (overlap * s).to(torch.float32)
+    return overlap * s
 
 
 def foreshorten(image: torch.Tensor, pose: torch.Tensor, background: float = -1.0) -> torch.Tensor:
@@ -54,8 +55,8 @@ def foreshorten(image: torch.Tensor, pose: torch.Tensor, background: float = -1.
     """
     n, _, h, w = image.shape
     pose = pose.to(torch.float64).reshape(n, -1)
-    across = squeeze_matrices(pose[:, 2].abs(), w).to(image.device)
-    down = squeeze_matrices(torch.cos(pose[:, 0]), h).to(image.device)
+    across = squeeze_matrices(pose[:, 2].abs(), w).to(image.device, torch.float32)
+    down = squeeze_matrices(torch.cos(pose[:, 0]), h).to(image.device, torch.float32)
     shifted = image.to(torch.float32) - background
     out = torch.einsum("nyh,nchw,nxw->ncyx", down, shifted, across)
     return (out + background).to(image.dtype)

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from dicomnode.errors import SynthesisError
+from synthesis.aligned import MIN_SCALE, squeeze_matrices
 from synthesis.drr_dataset import IndexRow, load_index
 from synthesis.metrics import patch_grid_ratio, psnr, ssim
 from synthesis.training_data import RowFilter, load_drr_image
@@ -53,7 +55,6 @@ GRID_NAME = "grid.json"
 METRICS_COLUMNS = ("method", "case", "augmentation", "azimuth", "elevation", "psnr", "ssim")
 SUMMARY_COLUMNS = ("method", "azimuth", "n", "psnr", "ssim")
 WIDE_AZIMUTH = 30.0  # degrees: "wide" views, where the PA input alone is a poor answer
-MIN_SCALE = 0.05  # foreshortening never squeezes below 5 % of the width (|cos| -> 0 at 90 degrees)
 ALL, WIDE = "all", f"abs>={WIDE_AZIMUTH:g}"  # the aggregate rows' azimuth labels in summary.csv
 
 
@@ -70,7 +71,8 @@ def foreshortened(pa: np.ndarray, azimuth: float, elevation: float = 0.0, min_sc
 
     Output column x takes the mean of the input over the interval that maps onto it, centre
     c + (x - c) / s and width 1 / s (an exact box filter of the piecewise-constant input, so the
-    squeeze does not alias); beyond the input's edges the background is 0. Squeezing averages
+    squeeze does not alias; :func:`synthesis.aligned.squeeze_matrices`, the squeeze that aligned
+    models get as a condition); beyond the input's edges the background is 0. Squeezing averages
     columns together, while every DRR is min-max normalised on its own, so the result is scaled
     back to the input's peak. At azimuth 0 it returns the input. ``elevation`` is ignored.
     """
@@ -80,16 +82,8 @@ def foreshortened(pa: np.ndarray, azimuth: float, elevation: float = 0.0, min_sc
     if not 0 < min_scale <= 1:
         raise SynthesisError(f"min_scale must lie in (0, 1], got {min_scale!r}")
     scale = max(abs(math.cos(math.radians(azimuth))), min_scale)
-    width = image.shape[1]
-    centre = (width - 1) / 2
-    # Integral of the input along each row at the pixel edges -0.5, 0.5, ..., width - 0.5.
-    edges = np.arange(width + 1, dtype=np.float64) - 0.5
-    integral = np.concatenate([np.zeros((image.shape[0], 1)), np.cumsum(image, axis=1)], axis=1)
-    x = np.arange(width, dtype=np.float64)
-    lo = np.clip(centre + (x - 0.5 - centre) / scale, edges[0], edges[-1])
-    hi = np.clip(centre + (x + 0.5 - centre) / scale, edges[0], edges[-1])
-    rows = [np.interp(hi, edges, row) - np.interp(lo, edges, row) for row in integral]
-    squeezed = np.stack(rows) * scale  # the interval is 1 / scale wide
+    matrix = squeeze_matrices(torch.tensor([scale]), image.shape[1], min_scale)[0].numpy()
+    squeezed = image @ matrix.T
     peak, squeezed_peak = float(image.max(initial=0.0)), float(squeezed.max(initial=0.0))
     if squeezed_peak > 0:
         squeezed *= peak / squeezed_peak
