@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,26 @@ def test_cli_input_checks_and_elevations(
 def test_cli_input_checks_need_a_model(dataset: Path, tmp_path: Path) -> None:
     argv = ["evaluate", "--data", str(dataset), "--out", str(tmp_path), "--resolution", "32", "--input-checks"]
     assert cli.main(argv) == ExitCode.USAGE
+
+
+def test_cli_takes_the_models_recommended_sampler(
+    dataset: Path, model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recommending = tmp_path / "model"
+    shutil.copytree(model, recommending)
+    meta = {"format": 1, "recommended": {"steps": 1, "guidance_scale": 1.25}}
+    (recommending / "dicomnode-model.json").write_text(json.dumps(meta), encoding="utf-8")
+    base = ["evaluate", "--data", str(dataset), "--model", str(recommending), "--cases", "c2", "--input-checks"]
+    assert cli.main([*base, "--out", str(tmp_path / "recommended")]) == ExitCode.OK
+    settings = json.loads((tmp_path / "recommended" / "input_checks.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance"]) == (1, 1.25)
+    assert "sampler: 1 steps, guidance 1.25 (recommended by" in capsys.readouterr().out
+
+    assert cli.main([*base, "--out", str(tmp_path / "given"), "--steps", "2", "--guidance", "2"]) == ExitCode.OK
+    settings = json.loads((tmp_path / "given" / "input_checks.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance"]) == (2, 2.0)
+    assert "sampler: 2 steps, guidance 2 (given)" in capsys.readouterr().out
+
+    (recommending / "dicomnode-model.json").write_text('{"recommended": {"steps": 0}}', encoding="utf-8")
+    assert cli.main([*base, "--out", str(tmp_path / "bad")]) == ExitCode.FAILURE
+    assert "recommended.steps" in capsys.readouterr().err

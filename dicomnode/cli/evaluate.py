@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from dicomnode.cli.common import accept_negative_lists, degrees
 from dicomnode.cli.exitcodes import ExitCode
+from dicomnode.errors import ModelLoadError
+from synthesis.model_meta import DEFAULT_META, ModelMeta, ModelMetaError, load_model_meta
 
 if TYPE_CHECKING:  # synthesis imports torch; only the command's run does
     from synthesis.drr_dataset import IndexRow
@@ -61,8 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--augmentations", type=_ints, default=None, metavar="N,...", help="augmentations to score (default all)"
     )
     p.add_argument("--cases", default=None, metavar="CASE,...", help="cases to score (default all)")
-    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    # Unset (None): the model's recommended values from its dicomnode-model.json, as `synthesize` uses them.
+    recommended = " (default: the model's recommended, from its dicomnode-model.json)"
+    p.add_argument("--steps", type=int, default=None, help="DPM-Solver++ steps" + recommended)
+    p.add_argument(
+        "--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off" + recommended
+    )
     p.add_argument("--seed", type=int, default=0, help="request seed; each view's noise derives from it")
     p.add_argument("--max-batch", type=int, default=8, help="views denoised together")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
@@ -106,6 +112,12 @@ def _selection(args: argparse.Namespace) -> Callable[[IndexRow], bool] | None:
     return include
 
 
+def _origin(args: argparse.Namespace, meta: ModelMeta) -> str:
+    if args.steps is not None and args.guidance is not None:
+        return "given"
+    return f"recommended by {meta.source}" if meta.source else "SV-DRR defaults: the model has no dicomnode-model.json"
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate; exit OK, USAGE for bad settings, NOT_FOUND for a missing dataset or model folder."""
     if not (args.data / "index.csv").is_file():
@@ -120,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     if args.input_checks is not None and args.model is None:
         print("dicomnode evaluate: --input-checks needs --model", file=sys.stderr)
         return ExitCode.USAGE
-    if (args.resolution is not None and args.resolution < 11) or args.steps < 1 or args.max_batch < 1:
+    steps_given = args.steps is not None and args.steps < 1
+    if (args.resolution is not None and args.resolution < 11) or steps_given or args.max_batch < 1:
         print("dicomnode evaluate: --resolution >= 11 (SSIM window), --steps >= 1, --max-batch >= 1", file=sys.stderr)
         return ExitCode.USAGE
 
@@ -129,6 +142,15 @@ def run(args: argparse.Namespace) -> int:
     from synthesis.evaluate import format_grid, format_table
     from synthesis.input_checks import format_checks
 
+    steps, guidance = args.steps, args.guidance
+    if args.model is not None:
+        try:
+            meta = load_model_meta(args.model)
+        except ModelMetaError as e:
+            raise ModelLoadError(str(e)) from e  # FAILURE via main
+        steps = meta.steps if steps is None else steps
+        guidance = meta.guidance_scale if guidance is None else guidance
+        print(f"sampler: {steps} steps, guidance {guidance:g} ({_origin(args, meta)})")
     # A SynthesisError from here on (unreadable image, bad model) is FAILURE via main.
     report = run_evaluation(
         args.model,
@@ -137,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
         _selection(args),
         input_checks=STATIC_SELECTIONS[args.input_checks] if args.input_checks else None,
         resolution=args.resolution,
-        steps=args.steps,
-        guidance=args.guidance,
+        steps=steps if steps is not None else DEFAULT_META.steps,
+        guidance=guidance if guidance is not None else DEFAULT_META.guidance_scale,
         seed=args.seed,
         max_batch=args.max_batch,
         device=args.device,
