@@ -76,6 +76,10 @@ def _coerce(key: str, value: object, hint: Any) -> object:
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    elif hint in (int | None, float | None):
+        if value is None or value == "":
+            return None  # "" in the file means "not set"
+        return _coerce(key, value, int if hint == int | None else float)
     elif hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: must be an integer, got {value!r}")
@@ -351,8 +355,9 @@ class EngineSettings:
     model: Path
     device: str = "auto"
     dtype: str = "auto"
-    steps: int = 20
-    guidance_scale: float = 3.0
+    # Not set (None): the model's recommended values, from its dicomnode-model.json.
+    steps: int | None = None
+    guidance_scale: float | None = None
     max_batch: int | str = 8  # views per chunk, or "auto": from free GPU memory (synthesis.fastpath)
     seed: int = 0
     # The consistency gate's threshold, overriding the model's (dicomnode-model.json); None: the model's.
@@ -379,8 +384,10 @@ class EngineSettings:
             raise ConfigError(f"engine.device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"engine.dtype: must be one of {DTYPES}, got {self.dtype!r}")
-        _check_range("engine.steps", self.steps, 1)
-        _check_range("engine.guidance_scale", self.guidance_scale, 1.0)
+        if self.steps is not None:
+            _check_range("engine.steps", self.steps, 1)
+        if self.guidance_scale is not None:
+            _check_range("engine.guidance_scale", self.guidance_scale, 1.0)
         if self.max_batch != "auto":
             _check_range("engine.max_batch", self.max_batch, 1)
         _check_range("engine.seed", self.seed, 0, 2**63 - 1)

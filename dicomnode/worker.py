@@ -93,6 +93,8 @@ class LoadedModel:
     name: str
     identity: str
     max_batch: int = 8  # views per chunk, "auto" resolved at load
+    steps: int = 20  # the engine's, or the model's recommended where the configuration sets none
+    guidance_scale: float = 3.0
 
     @property
     def device_uid(self) -> str:
@@ -188,8 +190,8 @@ class SynthesisWorker:
             return synthesize_many(
                 model.pipe,
                 [BatchRequest(image, az, el, engine.seed) for image, az, el in requests],
-                num_inference_steps=engine.steps,
-                guidance_scale=engine.guidance_scale,
+                num_inference_steps=model.steps,
+                guidance_scale=model.guidance_scale,
                 max_batch=model.max_batch,
             )
         return [
@@ -197,8 +199,8 @@ class SynthesisWorker:
                 image,
                 azimuths=az,
                 elevations=el,
-                num_inference_steps=engine.steps,
-                guidance_scale=engine.guidance_scale,
+                num_inference_steps=model.steps,
+                guidance_scale=model.guidance_scale,
                 generator=engine.seed,
                 max_batch=model.max_batch,
             )
@@ -298,10 +300,13 @@ class SynthesisWorker:
             pipe.set_progress_bar_config(disable=True)
             # Fast path (synthesis.fastpath): compile, size the batches, warm every shape the rules need.
             engine = self.settings.engine
+            meta = model_meta_for(engine.model, engine.consistency_threshold)
+            steps = engine.steps if engine.steps is not None else meta.steps
+            guidance = engine.guidance_scale if engine.guidance_scale is not None else meta.guidance_scale
             fast = FastPath.for_device(device, engine.compile, engine.cuda_graphs, engine.pad_batches)
             view_counts = [len(rule.azimuths) for rule in self.settings.rules if rule.enabled]
             max_batch, warm_s = prepare_for_serving(
-                pipe, fast, engine.max_batch, engine.guidance_scale, view_counts, warm=engine.warm_up
+                pipe, fast, engine.max_batch, guidance, view_counts, warm=engine.warm_up
             )
             self.model = LoadedModel(
                 pipe=pipe,
@@ -310,9 +315,12 @@ class SynthesisWorker:
                 name=self.settings.engine.model.name,
                 identity=pipe.model_identity,
                 max_batch=max_batch,
+                steps=steps,
+                guidance_scale=guidance,
             )
             logger.info(
-                "worker %s loaded model %s (identity %s) on %s in %.1f s (warm-up %.1f s, compiled %s, max_batch %d)",
+                "worker %s loaded model %s (identity %s) on %s in %.1f s (warm-up %.1f s, compiled %s, max_batch %d, "
+                "%d steps, guidance %g)",
                 self.worker_id,
                 self.model.name,
                 self.model.identity[:12],
@@ -321,6 +329,8 @@ class SynthesisWorker:
                 warm_s,
                 pipe.fast_path.compile,
                 max_batch,
+                steps,
+                guidance,
             )
         return self.model
 
@@ -391,14 +401,14 @@ class SynthesisWorker:
             views,
             generator,
             seed=engine.seed,
-            steps=engine.steps,
-            guidance_scale=engine.guidance_scale,
+            steps=model.steps,
+            guidance_scale=model.guidance_scale,
             series_number=out.series_number,
             series_description_prefix=out.series_description_prefix,
             modality=out.modality,
             source_lossy=prepared.lossy,
             # Steps and guidance change the pixels, so they are part of the UIDs' identity too.
-            request_key=f"{request_key}|steps={engine.steps}|guidance={engine.guidance_scale:g}",
+            request_key=f"{request_key}|steps={model.steps}|guidance={model.guidance_scale:g}",
         )
         views = self._add_sweep(rule_name, datasets, views)
         targets = [self._target(name) for name in destinations]
@@ -422,8 +432,8 @@ class SynthesisWorker:
                         model_name=model.name,
                         model_identity=model.identity,
                         model_version=generator.model_version,
-                        steps=engine.steps,
-                        guidance_scale=engine.guidance_scale,
+                        steps=model.steps,
+                        guidance_scale=model.guidance_scale,
                         sampler=SAMPLER,
                         device=model.device,
                         dtype=model.dtype,

@@ -64,11 +64,11 @@ def test_shipped_defaults() -> None:
     assert (s.engine.device, s.engine.dtype, s.engine.steps, s.engine.max_batch, s.engine.seed) == (
         "auto",
         "auto",
-        20,
+        None,
         8,
         0,
     )
-    assert s.engine.guidance_scale == 1.5  # shipped: tuned to the shipped demo model (built-in 3.0)
+    assert s.engine.guidance_scale is None  # shipped: not set, so the model's recommended values apply
     assert s.engine.dtype_for("cuda") == "bfloat16" and s.engine.dtype_for("cpu") == "float32"
     assert dataclasses.astuple(s.scheduler) == (5.0, 5, 10.0, 600.0, 1, 1.0, 10, 60.0, 0.1, 1)
     assert dataclasses.astuple(s.output)[:4] == (901, "OT", "SYNTHETIC", "dicomnode")
@@ -160,6 +160,8 @@ BAD = [
     ('[engine]\ndtype = "int8"\n', r"engine\.dtype: must be one of"),
     ("[engine]\nguidance_scale = 0.5\n", r"engine\.guidance_scale: must be >= 1\.0, got 0\.5"),
     ("[engine]\nsteps = 0\n", r"engine\.steps: must be >= 1, got 0"),
+    ("[engine]\nsteps = 2.5\n", r"engine\.steps: must be an integer, got 2\.5"),
+    ("[engine]\nguidance_scale = \"high\"\n", r"engine\.guidance_scale: must be a number, got 'high'"),
     ('[engine]\nmax_batch = "many"\n', r'engine\.max_batch: must be an integer >= 1 or "auto", got \'many\''),
     ("[engine]\nmax_batch = 0\n", r"engine\.max_batch: must be >= 1, got 0"),
     ("[engine]\nmax_batch = true\n", r"engine\.max_batch: must be an integer >= 1 or \"auto\""),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,6 +71,36 @@ def test_job_runs_to_derived_instances_and_outputs(tmp_path: Path, tiny_pixel_mo
     with worker.sessions() as session:
         again = sorted(d.sop_instance_uid for d in session.query(Instance).filter_by(origin="derived"))
         assert again == uids, "a re-run finds its own deterministic UIDs; nothing is duplicated"
+
+
+def test_without_engine_steps_the_worker_samples_as_the_model_recommends(
+    tmp_path: Path, tiny_pixel_model_dir: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pixel_model_dir, model)
+    gate = {"method": "denoise", "threshold": -1000.0}  # every input passes
+    meta = {"format": 1, "recommended": {"steps": 1, "guidance_scale": 1.25}, "gate": gate}
+    (model / "dicomnode-model.json").write_text(json.dumps(meta), encoding="utf-8")
+    config = node_config(tmp_path, port=11112, model=model, pacs_port=None, settle_s=0, azimuths="[30]")
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("steps = 2\n", "").replace("guidance_scale = 3.0\n", ""), encoding="utf-8")
+    settings = load_settings(config)
+    assert (settings.engine.steps, settings.engine.guidance_scale) == (None, None)
+    receive(settings, chest())
+    worker = SynthesisWorker(settings, "w")
+    assert worker.run_once() is True
+    with worker.sessions() as session:
+        job = session.query(Job).one()
+        assert job.state == "done", job.last_error
+        output = session.query(Output).one()
+        assert (output.steps, output.guidance_scale) == (1, 1.25)
+        ds = worker.store.open_dataset(output.instance.path)
+    assert "steps=1" in ds.DerivationDescription and "guidance_scale=1.25" in ds.DerivationDescription
+
+    # Set in the configuration, the site's values win over the model's.
+    overridden = load_settings(config, overrides={"engine.steps": 2, "engine.guidance_scale": 3.0})
+    worker = SynthesisWorker(overridden, "w2")
+    assert (worker.load_model().steps, worker.load_model().guidance_scale) == (2, 3.0)
 
 
 def test_our_output_received_back_makes_no_job(tmp_path: Path, tiny_pixel_model_dir: Path) -> None:

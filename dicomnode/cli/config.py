@@ -54,6 +54,25 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return ExitCode.USAGE
 
 
+def _sampler(settings: Settings) -> str:
+    """Steps and guidance as the worker will use them: set in the file, or the model's recommended."""
+    engine = settings.engine
+    try:
+        meta = load_model_meta(engine.model) if engine.model.is_dir() else None
+    except ModelMetaError:
+        meta = None  # reported by the model checks
+    parts = []
+    for name, value, recommended in (
+        ("steps", engine.steps, meta.steps if meta else None),
+        ("guidance", engine.guidance_scale, meta.guidance_scale if meta else None),
+    ):
+        if value is not None:
+            parts.append(f"{name} {value:g}")
+        else:
+            parts.append(f"{name} {recommended:g} (the model's)" if recommended is not None else f"{name} the model's")
+    return ", ".join(parts)
+
+
 def summary(settings: Settings) -> list[str]:
     """Short human-readable lines describing ``settings``; database passwords are masked."""
     node, security, engine = settings.node, settings.security, settings.engine
@@ -65,7 +84,7 @@ def summary(settings: Settings) -> list[str]:
         f"storage: {node.storage_dir}",
         f"database: {mask_database_url(node.effective_database_url)}",
         f"model: {engine.model} ({'no model_index.json yet' if model_waiting_reason(engine.model) else 'found'}), "
-        f"device {engine.device}, dtype {engine.dtype}, {engine.steps} steps",
+        f"device {engine.device}, dtype {engine.dtype}, {_sampler(settings)}",
         f"peers: {len(settings.peers)}",
     ]
     http = settings.http

@@ -66,9 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Unset (None): the model's recommended values from its dicomnode-model.json, as `synthesize` uses them.
     recommended = " (default: the model's recommended, from its dicomnode-model.json)"
     p.add_argument("--steps", type=int, default=None, help="DPM-Solver++ steps" + recommended)
-    p.add_argument(
-        "--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off" + recommended
-    )
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = off" + recommended)
     p.add_argument("--seed", type=int, default=0, help="request seed; each view's noise derives from it")
     p.add_argument("--max-batch", type=int, default=8, help="views denoised together")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
