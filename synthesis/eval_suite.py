@@ -33,7 +33,7 @@ from synthesis.eval_report import (
     write_selections,
 )
 from synthesis.evaluate import EvaluationResult, evaluate, load_model
-from synthesis.input_checks import InputChecks, pipeline_predictor, run_input_checks
+from synthesis.input_checks import FLIP_SEED_OFFSET, InputChecks, pipeline_predictor, run_input_checks
 from synthesis.training_data import RowFilter
 
 if TYPE_CHECKING:
@@ -156,7 +156,12 @@ def run_evaluation(
             "resolution": result.resolution,
         }
         predict = pipeline_predictor(pipe, steps=steps, guidance=guidance, seed=seed, max_batch=max_batch)
-        checks = run_input_checks(predict, data_dir, out_dir, result.resolution, check_views, settings=settings)
+        flip_seed = seed + FLIP_SEED_OFFSET
+        settings["flip_seed"] = flip_seed
+        flipped = pipeline_predictor(pipe, steps=steps, guidance=guidance, seed=flip_seed, max_batch=max_batch)
+        checks = run_input_checks(
+            predict, data_dir, out_dir, result.resolution, check_views, settings=settings, predict_flipped=flipped
+        )
     targets = tuple(judge(selections, checks))
     targets_json = out_dir / TARGETS_NAME
     document = {"passed": bool(targets) and all(t.passed for t in targets), "targets": [asdict(t) for t in targets]}

@@ -14,8 +14,14 @@ PA inputs at the same target views as the evaluation:
   mirrored truth exceeds its mean SSIM to the model's output from the unflipped PA at (a, e),
   which a model that ignores its input reproduces exactly.
 
-Each input's views are asked for with the same seed in all three calls, and the pipeline derives each
-view's noise from the seed and the view's angles, so the three outputs of a view share their noise.
+The PA and the grey input are sampled with the same seed (the pipeline derives each view's noise
+from the seed and the view's angles, so their outputs of a view share their noise); the flipped PA
+with another seed (:data:`FLIP_SEED_OFFSET`), so its output shares no noise with the unflipped one.
+With shared noise the sampler's noise-made texture would be common to both outputs whatever the
+input, and a model that samples the true distribution of views would fail the check on any patient;
+with independent noise it passes where the patient is not left-right symmetric, and a memoriser
+still fails (its outputs differ only by noise). Callers pass that second predictor as
+``predict_flipped``; a deterministic predictor can serve as both.
 Writes ``input_checks.json`` (means and verdicts) and ``input_checks.csv`` (figures per view).
 """
 
@@ -47,6 +53,7 @@ CHECKS_JSON_NAME = "input_checks.json"
 CHECKS_CSV_NAME = "input_checks.csv"
 GREY_LEVEL = 0.5  # the uniform input, in [0, 1]
 GREY_TARGET_DB = 3.0  # the PSNR the real PA must be worth over the grey input, dB
+FLIP_SEED_OFFSET = 1  # the flipped PA is sampled with seed + this: noise independent of the PA's
 CHECK_COLUMNS = (
     "case", "augmentation", "azimuth", "elevation", "psnr_pa", "ssim_pa", "psnr_grey", "ssim_grey",
     "ssim_flip_to_mirrored_truth", "ssim_flip_to_unflipped_output",
@@ -190,6 +197,7 @@ def summarise_checks(views: Sequence[ViewCheck], target_db: float = GREY_TARGET_
 
 def _check_group(
     predict: Predictor,
+    predict_flipped: Predictor,
     data_dir: Path,
     resolution: int,
     pa_row: IndexRow,
@@ -200,7 +208,7 @@ def _check_group(
     views = [(row.azimuth, row.elevation) for row in targets]
     outputs = predict(pa, views)
     from_grey = predict(np.full_like(pa, GREY_LEVEL), views)
-    from_flipped = predict(np.ascontiguousarray(np.fliplr(pa)), views)
+    from_flipped = predict_flipped(np.ascontiguousarray(np.fliplr(pa)), views)
     if not outputs.shape == from_grey.shape == from_flipped.shape == (len(views), *pa.shape):
         raise SynthesisError(f"a predictor returned {outputs.shape}, expected {(len(views), *pa.shape)}")
     checks = []
@@ -248,12 +256,15 @@ def run_input_checks(
     *,
     target_db: float = GREY_TARGET_DB,
     settings: Mapping[str, Any] | None = None,
+    predict_flipped: Predictor | None = None,
 ) -> InputChecks:
     """Run both checks on the target views ``include`` selects (every PA input that has some).
 
     Callers restrict ``include`` for cost (e.g. held-out cases, |azimuth| >= 30 at elevation 0). The
     mirrored truth of a selected view is looked up among all views of its (case, augmentation),
     selected or not. ``settings`` (sampler, seed, selection) are recorded in the JSON as given.
+    ``predict_flipped`` answers the flipped PA (default ``predict``): for a sampler, the same one with
+    another seed (:data:`FLIP_SEED_OFFSET`), see the module's docstring.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     rows = load_index(data_dir)
@@ -267,7 +278,7 @@ def run_input_checks(
     views: list[ViewCheck] = []
     for number, (pa_row, targets) in enumerate(groups, start=1):
         by_angle = by_group[(pa_row.case, pa_row.augmentation)]
-        views += _check_group(predict, data_dir, resolution, pa_row, targets, by_angle)
+        views += _check_group(predict, predict_flipped or predict, data_dir, resolution, pa_row, targets, by_angle)
         logger.info(
             "input checks: %s augmentation %d (%d of %d)", pa_row.case, pa_row.augmentation, number, len(groups)
         )

@@ -198,6 +198,7 @@ def test_cli_takes_the_models_recommended_sampler(
     assert cli.main([*base, "--out", str(tmp_path / "recommended")]) == ExitCode.OK
     settings = json.loads((tmp_path / "recommended" / "input_checks.json").read_text())["settings"]
     assert (settings["steps"], settings["guidance"]) == (1, 1.25)
+    assert settings["flip_seed"] == settings["seed"] + 1  # the flipped PA's own noise
     assert "sampler: 1 steps, guidance 1.25 (recommended by" in capsys.readouterr().out
 
     assert cli.main([*base, "--out", str(tmp_path / "given"), "--steps", "2", "--guidance", "2"]) == ExitCode.OK

@@ -20,6 +20,7 @@ import torch
 from dicomnode.errors import SynthesisError
 from synthesis.drr_dataset import load_index
 from synthesis.input_checks import (
+    FLIP_SEED_OFFSET,
     GREY_LEVEL,
     Predictor,
     format_checks,
@@ -125,6 +126,37 @@ def test_a_memoriser_of_one_patient_fails_both(dataset: Path, tmp_path: Path) ->
     assert f.ssim_to_mirrored_truth < 0.9 and f.fraction_closer_to_mirrored_truth == 0.0 and not f.passed
     assert json.loads(checks.json_path.read_text())["passed"] is False
     assert format_checks(checks).count("FAIL") == 2
+
+
+def with_texture(predict: Predictor, seed: int, sigma: float = 0.2) -> Predictor:
+    """``predict`` plus a sampler's noise-made texture: drawn from the seed and each view's angles."""
+
+    def textured(image: np.ndarray, views: Sequence[tuple[float, float]]) -> np.ndarray:
+        out = predict(image, views)
+        for i, (azimuth, elevation) in enumerate(views):
+            rng = np.random.default_rng([seed, int(azimuth + 360), int(elevation + 360)])
+            out[i] = np.clip(out[i] + rng.normal(0.0, sigma, out[i].shape), 0.0, 1.0)
+        return out
+
+    return textured
+
+
+def test_the_flipped_pa_is_sampled_with_its_own_noise(dataset: Path, tmp_path: Path) -> None:
+    # A model that uses its input but draws texture from the noise: with the PA's noise the flipped
+    # output shares that texture with the unflipped one and would fail; with its own noise it passes.
+    sampler = with_texture(oracle(dataset), seed=0)
+    shared = run_input_checks(sampler, dataset, tmp_path / "shared", SIZE, _wide_el0)
+    assert shared.flip.ssim_to_unflipped_output > shared.flip.ssim_to_mirrored_truth and not shared.flip.passed
+    own = with_texture(oracle(dataset), seed=0 + FLIP_SEED_OFFSET)
+    checks = run_input_checks(sampler, dataset, tmp_path / "own", SIZE, _wide_el0, predict_flipped=own)
+    assert checks.flip.ssim_to_mirrored_truth > checks.flip.ssim_to_unflipped_output and checks.flip.passed
+    # A memoriser with the same texture still fails: its two outputs differ only by the noise.
+    held_out = lambda row: row.case != "c0" and _wide_el0(row)  # noqa: E731
+    memorising = with_texture(memoriser(dataset), seed=0)
+    other_noise = with_texture(memoriser(dataset), seed=FLIP_SEED_OFFSET)
+    checks = run_input_checks(memorising, dataset, tmp_path / "mem", SIZE, held_out, predict_flipped=other_noise)
+    assert checks.flip.ssim_to_unflipped_output > checks.flip.ssim_to_mirrored_truth and not checks.flip.passed
+    assert not checks.grey.passed
 
 
 def test_a_constant_predictor_fails_both(dataset: Path, tmp_path: Path) -> None:
