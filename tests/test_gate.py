@@ -160,9 +160,9 @@ def test_header_outside_the_intended_inputs_is_refused_before_any_pixel_work(tmp
 
 
 def test_elevations_outside_the_trained_range_are_refused(tmp_path: Path) -> None:
-    settings = load_settings(gate_settings(tmp_path, rule_extra="elevations = [0, 20]"))
+    settings = load_settings(gate_settings(tmp_path, rule_extra="elevations = [0, 40]"))
     worker, job = run_job(settings, sample())
-    assert job.state == "refused" and "elevation 20 is outside the model's trained range 0..0" in job.last_error
+    assert job.state == "refused" and "elevation 40 is outside the model's trained range -30..30" in job.last_error
 
 
 def test_site_threshold_overrides_the_model(tmp_path: Path) -> None:

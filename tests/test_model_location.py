@@ -106,9 +106,9 @@ def test_synthesize_uses_the_models_recommended_steps_and_guidance(
 def test_synthesize_refuses_elevations_the_model_never_learned(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "views"
     argv = ["synthesize", str(DEMO / "sample" / "chest_pa_drr_phantom.dcm"), "--model", "demo"]
-    assert main([*argv, "--azimuths", "-30,30", "--elevations", "0,15", "--out", str(out)]) == ExitCode.USAGE
+    assert main([*argv, "--azimuths", "-30,30", "--elevations", "0,45", "--out", str(out)]) == ExitCode.USAGE
     err = capsys.readouterr().err
-    assert "elevation 15 requested" in err and "trained only at elevation 0" in err, err
+    assert "elevation 45 requested" in err and "trained at elevations -30..30 degrees" in err, err
     assert str(DEMO / "dicomnode-model.json") in err
     assert not out.exists()  # nothing written, no view labelled with an elevation it never learned
 
@@ -116,9 +116,9 @@ def test_synthesize_refuses_elevations_the_model_never_learned(tmp_path: Path, c
 def test_config_check_says_which_rule_elevations_the_model_never_learned(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    text = SITE.format(model="demo") + '\n[[rules]]\nname = "tilt"\nazimuths = [-30, 30]\nelevations = [0, 20]\n'
+    text = SITE.format(model="demo") + '\n[[rules]]\nname = "tilt"\nazimuths = [-30, 30]\nelevations = [0, 40]\n'
     (tmp_path / "site.toml").write_text(text, encoding="utf-8")
     assert main(["config", "check", "--config", str(tmp_path / "site.toml")]) == ExitCode.OK
     out = capsys.readouterr().out
-    assert "tilt: 2 views [-30, 30/20]" in out
-    assert "elevation 20 is outside the model's trained range 0..0: jobs refused" in out, out
+    assert "tilt: 2 views [-30, 30/40]" in out
+    assert "elevation 40 is outside the model's trained range -30..30: jobs refused" in out, out
