@@ -231,19 +231,23 @@ def test_a_transient_fault_uses_the_retry_budget_then_succeeds(tmp_path: Path) -
         assert job.state == "done" and job.attempts == 1 and session.query(Output).count() == 2
 
 
-def test_the_score_ranks_the_sample_above_its_mirror_image_and_a_real_cr() -> None:
-    """The score measures grounding: the model's own chest scores higher than its mirror image
-    (which the demo model answers with the unflipped chest) and far higher than a real CR."""
+def test_the_score_ranks_the_sample_and_its_mirror_image_far_above_a_real_cr_and_a_uniform_image() -> None:
+    """The score measures grounding: the model's own chest and its mirror image (the demo model was
+    trained on mirrored patients too, so a mirrored chest is an input it can read) pass the gate;
+    a real CR and a uniform image score far lower and are refused."""
     from synthesis.consistency import denoising_score
     from synthesis.pipeline import SvdrrPipeline
     from synthesis.radiograph import prepare_radiograph
 
     pipe = SvdrrPipeline.from_pretrained(DEMO)
+    threshold = load_model_meta(DEMO).gate.threshold
     image = prepare_radiograph(pydicom.dcmread(SAMPLE), pipe.resolution).image
     cr = prepare_radiograph(real_cr("RG1_UNCR.dcm"), pipe.resolution).image
     own = denoising_score(pipe, image)
     assert own.value == denoising_score(pipe, image).value, "deterministic: a retry gets the same score"
-    assert own.value > denoising_score(pipe, image[:, ::-1].copy()).value > denoising_score(pipe, cr).value
+    mirrored = denoising_score(pipe, image[:, ::-1].copy()).value
+    refused = [denoising_score(pipe, cr).value, denoising_score(pipe, np.full_like(image, 0.5)).value]
+    assert min(own.value, mirrored) > threshold > max(refused) + 3.0, (own.value, mirrored, threshold, refused)
 
 
 def test_intended_inputs_match_as_rules_do() -> None:
@@ -293,7 +297,8 @@ def identity_settings(folder: Path, model: Path) -> Settings:
     """The identity view depends on the sampler (unlike the denoising score): the demo's own settings."""
     folder.mkdir()
     config = gate_settings(folder, model=model)
-    config.write_text(config.read_text().replace("steps = 2\n", "steps = 20\n").replace("= 3.0\n", "= 1.5\n"))
+    # The model's recommended steps and guidance, as the shipped configuration uses them.
+    config.write_text(config.read_text().replace("steps = 2\n", 'steps = ""\n').replace("= 3.0\n", '= ""\n'))
     return load_settings(config)
 
 
@@ -302,13 +307,13 @@ def test_identity_view_method_scores_the_identity_view_synthesised_with_the_job(
     model = tmp_path / "model"
     shutil.copytree(DEMO, model, ignore=shutil.ignore_patterns("evaluation", "sample"))
     meta = json.loads((model / META_FILENAME).read_text())
-    meta["gate"] = {"method": "identity-ssim", "threshold": 0.7}
+    meta["gate"] = {"method": "identity-ssim", "threshold": 0.6}  # the sample scores 0.72, uniform grey 0.47
     (model / META_FILENAME).write_text(json.dumps(meta))
     settings = identity_settings(tmp_path / "a", model)
     worker, job = run_job(settings, sample())
-    assert job.state == "done" and job.consistency_method == "identity-ssim" and job.consistency_score >= 0.7
+    assert job.state == "done" and job.consistency_method == "identity-ssim" and job.consistency_score >= 0.6
     with worker.sessions() as session:
         assert sorted(o.azimuth for o in session.query(Output)) == [-30.0, 30.0], "the identity view is not written"
     settings = identity_settings(tmp_path / "b", model)
     worker, job = run_job(settings, uniform())
-    assert job.state == "refused" and job.consistency_score < 0.7 and "identity-ssim" in job.last_error
+    assert job.state == "refused" and job.consistency_score < 0.6 and "identity-ssim" in job.last_error
