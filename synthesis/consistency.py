@@ -18,16 +18,18 @@ anything else, whatever its condition says. A model that had learned to copy its
 (0, 0) could score well on any input with this method; for such a model the gate offers the
 **unconditional** variant ``denoise-uncond`` (the null condition the sampler uses for
 classifier-free guidance: zero token, zero latent), which no copying can fake. Measured on the
-demo model (dB; ``benchmarks/calibrate_gate.py``): conditional -- training PA views 21.7..22.7,
-shipped sample 22.8, sample flipped left-right 20.0, pydicom's real chest CR RG1 11.7, uniform grey
-9.9; unconditional -- training 13.1..14.6, flipped 12.7, RG1 6.5, uniform 9.3 (it does not separate
-the flipped view), so the demo model is calibrated on the conditional score.
+earlier 64 px demo model (dB; ``benchmarks/calibrate_gate.py``): conditional -- training PA views
+21.7..22.7, real chest CR RG1 11.7, uniform grey 9.9; unconditional -- training 13.1..14.6, RG1 6.5,
+uniform 9.3. The shipped 128 px model reads its PA through the view-aligned channel too, which at
+(0, 0) is the input itself, yet its conditional score still separates: training PA views
+19.1..21.2, shipped sample 20.5, RG1 11.8, uniform grey 11.6; so it is calibrated on the
+conditional score.
 
 A second, simpler score is the gate method ``identity-ssim`` (:func:`identity_ssim`): the SSIM
 between the identity view (0, 0), synthesised in the same batch as the job's views, and the
 prepared input. It costs a whole view and depends on the sampler settings (steps, guidance); the
-denoising score costs one transformer call and does not. On the demo model (20 steps, guidance
-1.5): training 0.82..0.85, flipped 0.80, RG1 0.48, uniform 0.24.
+denoising score costs one transformer call and does not. On the shipped demo model (3 steps,
+guidance 1.5): shipped sample 0.72, uniform grey 0.47 (0.64 and 0.38 at 20 steps).
 
 Everything here is deterministic for a given model, input and settings: the noise comes from a
 CPU ``torch.Generator`` with a fixed seed, so a retried job gets the same score.
