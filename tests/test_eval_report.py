@@ -199,12 +199,14 @@ def test_cli_takes_the_models_recommended_sampler(
     settings = json.loads((tmp_path / "recommended" / "input_checks.json").read_text())["settings"]
     assert (settings["steps"], settings["guidance"]) == (1, 1.25)
     assert settings["flip_seed"] == settings["seed"] + 1  # the flipped PA's own noise
-    assert "sampler: 1 steps, guidance 1.25 (recommended by" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sampler: 1 steps (recommended by" in printed and "guidance 1.25 (recommended by" in printed, printed
 
-    assert cli.main([*base, "--out", str(tmp_path / "given"), "--steps", "2", "--guidance", "2"]) == ExitCode.OK
+    assert cli.main([*base, "--out", str(tmp_path / "given"), "--steps", "2"]) == ExitCode.OK
     settings = json.loads((tmp_path / "given" / "input_checks.json").read_text())["settings"]
-    assert (settings["steps"], settings["guidance"]) == (2, 2.0)
-    assert "sampler: 2 steps, guidance 2 (given)" in capsys.readouterr().out
+    assert (settings["steps"], settings["guidance"]) == (2, 1.25)
+    printed = capsys.readouterr().out
+    assert "sampler: 2 steps (given), guidance 1.25 (recommended by" in printed, printed
 
     (recommending / "dicomnode-model.json").write_text('{"recommended": {"steps": 0}}', encoding="utf-8")
     assert cli.main([*base, "--out", str(tmp_path / "bad")]) == ExitCode.FAILURE

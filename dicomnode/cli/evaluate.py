@@ -110,10 +110,10 @@ def _selection(args: argparse.Namespace) -> Callable[[IndexRow], bool] | None:
     return include
 
 
-def _origin(args: argparse.Namespace, meta: ModelMeta) -> str:
-    if args.steps is not None and args.guidance is not None:
+def _origin(given: object, meta: ModelMeta) -> str:
+    if given is not None:
         return "given"
-    return f"recommended by {meta.source}" if meta.source else "SV-DRR defaults: the model has no dicomnode-model.json"
+    return f"recommended by {meta.source}" if meta.source else "SV-DRR default: the model has no dicomnode-model.json"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
     if args.input_checks is not None and args.model is None:
         print("dicomnode evaluate: --input-checks needs --model", file=sys.stderr)
         return ExitCode.USAGE
-    steps_given = args.steps is not None and args.steps < 1
-    if (args.resolution is not None and args.resolution < 11) or steps_given or args.max_batch < 1:
+    bad_steps = args.steps is not None and args.steps < 1
+    if (args.resolution is not None and args.resolution < 11) or bad_steps or args.max_batch < 1:
         print("dicomnode evaluate: --resolution >= 11 (SSIM window), --steps >= 1, --max-batch >= 1", file=sys.stderr)
         return ExitCode.USAGE
 
@@ -148,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
             raise ModelLoadError(str(e)) from e  # FAILURE via main
         steps = meta.steps if steps is None else steps
         guidance = meta.guidance_scale if guidance is None else guidance
-        print(f"sampler: {steps} steps, guidance {guidance:g} ({_origin(args, meta)})")
+        print(
+            f"sampler: {steps} steps ({_origin(args.steps, meta)}), "
+            f"guidance {guidance:g} ({_origin(args.guidance, meta)})"
+        )
     # A SynthesisError from here on (unreadable image, bad model) is FAILURE via main.
     report = run_evaluation(
         args.model,
