@@ -37,7 +37,7 @@ from storage.models import Delivery, Instance, Job, Output, utcnow
 from synthesis.model_meta import DEFAULT_META, META_FILENAME, load_model_meta
 from tests.conftest import free_port
 from tests.peers import node_config
-from tests.test_worker import receive
+from tests.test_worker import receive, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
@@ -74,16 +74,6 @@ def uniform() -> pydicom.Dataset:
 
 def real_cr(name: str) -> pydicom.Dataset:
     return fresh(pydicom.dcmread(get_testdata_file(name)))
-
-
-def run_job(settings: Settings, ds: pydicom.Dataset) -> tuple[SynthesisWorker, Job]:
-    receive(settings, ds)
-    worker = SynthesisWorker(settings, "gate-test")
-    assert worker.run_once() is True
-    with worker.sessions() as session:
-        job = session.query(Job).one()
-        session.expunge(job)
-    return worker, job
 
 
 def test_the_shipped_sample_passes_and_its_score_is_recorded_and_shown(

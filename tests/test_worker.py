@@ -40,6 +40,17 @@ def receive(settings: Settings, ds: pydicom.Dataset) -> int:
         return row.id
 
 
+def run_job(settings: Settings, ds: pydicom.Dataset) -> tuple[SynthesisWorker, Job]:
+    """Receive ``ds``, let a worker run its one job; the worker and the job (detached)."""
+    receive(settings, ds)
+    worker = SynthesisWorker(settings, "test-worker")
+    assert worker.run_once() is True
+    with worker.sessions() as session:
+        job = session.query(Job).one()
+        session.expunge(job)
+    return worker, job
+
+
 def chest(sop_uid: str | None = None) -> pydicom.Dataset:
     ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
@@ -86,12 +97,9 @@ def test_without_engine_steps_the_worker_samples_as_the_model_recommends(
     config.write_text(text.replace("steps = 2\n", "").replace("guidance_scale = 3.0\n", ""), encoding="utf-8")
     settings = load_settings(config)
     assert (settings.engine.steps, settings.engine.guidance_scale) == (None, None)
-    receive(settings, chest())
-    worker = SynthesisWorker(settings, "w")
-    assert worker.run_once() is True
+    worker, job = run_job(settings, chest())
+    assert job.state == "done", job.last_error
     with worker.sessions() as session:
-        job = session.query(Job).one()
-        assert job.state == "done", job.last_error
         output = session.query(Output).one()
         assert (output.steps, output.guidance_scale) == (1, 1.25)
         ds = worker.store.open_dataset(output.instance.path)

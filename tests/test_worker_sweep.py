@@ -10,11 +10,10 @@ import pytest
 from dicomnode.config import load_settings
 from dicomnode.errors import ConfigError
 from dicomnode.rules import Rule
-from dicomnode.worker import SynthesisWorker
-from storage.models import Instance, Job, Output
+from storage.models import Instance, Output
 from tests.peers import node_config
 from tests.test_derived import dciodvfy_errors
-from tests.test_worker import chest, receive
+from tests.test_worker import chest, run_job
 
 MF_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
 
@@ -25,12 +24,9 @@ def test_sweep_rule_adds_one_multiframe_instance_per_request(tmp_path: Path, tin
     config.write_text(config.read_text() + "sweep = true\n")  # the rule is the file's last table
     settings = load_settings(config)
     assert settings.rules[0].sweep is True
-    receive(settings, chest())
-    worker = SynthesisWorker(settings, "w")
-    assert worker.run_once() is True
+    worker, job = run_job(settings, chest())
+    assert job.state == "done", job.last_error
     with worker.sessions() as session:
-        job = session.query(Job).one()
-        assert job.state == "done", job.last_error
         derived = session.query(Instance).filter_by(origin="derived").all()
         sweeps = [d for d in derived if d.sop_class_uid == MF_WORD_SC]
         singles = [d for d in derived if d.sop_class_uid != MF_WORD_SC]
