@@ -301,8 +301,7 @@ class SynthesisWorker:
             # Fast path (synthesis.fastpath): compile, size the batches, warm every shape the rules need.
             engine = self.settings.engine
             meta = model_meta_for(engine.model, engine.consistency_threshold)
-            steps = engine.steps if engine.steps is not None else meta.steps
-            guidance = engine.guidance_scale if engine.guidance_scale is not None else meta.guidance_scale
+            steps, guidance = meta.sampler(engine.steps, engine.guidance_scale)
             fast = FastPath.for_device(device, engine.compile, engine.cuda_graphs, engine.pad_batches)
             view_counts = [len(rule.azimuths) for rule in self.settings.rules if rule.enabled]
             max_batch, warm_s = prepare_for_serving(

@@ -77,6 +77,13 @@ class ModelMeta:
     gate: GateSettings = GateSettings()
     source: Path | None = None
 
+    def sampler(self, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """The steps and guidance to sample with: those given (a flag, the site's ``[engine]``), else these."""
+        return (
+            self.steps if steps is None else steps,
+            self.guidance_scale if guidance_scale is None else guidance_scale,
+        )
+
     def with_threshold(self, threshold: float | None) -> ModelMeta:
         """The same metadata with the gate threshold replaced (a site override); None keeps it."""
         if threshold is None:

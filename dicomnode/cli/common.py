@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Settings, load_settings
 from dicomnode.errors import StorageError
+from synthesis.model_meta import ModelMeta
 
 _NUMBER = r"-?(\d+\.?\d*|\.\d+)"
 _ANGLE_LIST = re.compile(rf"^-(\d+\.?\d*|\.\d+)(,{_NUMBER})*$")
@@ -64,3 +65,10 @@ def open_sessions(settings: Settings, migrate: bool = False) -> sessionmaker[Ses
 
 def when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def sampler_origin(given: object, meta: ModelMeta) -> str:
+    """Where a sampler value a command prints comes from: the command line, or the model."""
+    if given is not None:
+        return "given"
+    return f"recommended by {meta.source}" if meta.source else "SV-DRR default: the model has no dicomnode-model.json"

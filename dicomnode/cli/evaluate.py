@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicomnode.cli.common import accept_negative_lists, degrees
+from dicomnode.cli.common import accept_negative_lists, degrees, sampler_origin
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import ModelLoadError
-from synthesis.model_meta import DEFAULT_META, ModelMeta, ModelMetaError, load_model_meta
+from synthesis.model_meta import DEFAULT_META, ModelMetaError, load_model_meta
 
 if TYPE_CHECKING:  # synthesis imports torch; only the command's run does
     from synthesis.drr_dataset import IndexRow
@@ -110,12 +110,6 @@ def _selection(args: argparse.Namespace) -> Callable[[IndexRow], bool] | None:
     return include
 
 
-def _origin(given: object, meta: ModelMeta) -> str:
-    if given is not None:
-        return "given"
-    return f"recommended by {meta.source}" if meta.source else "SV-DRR default: the model has no dicomnode-model.json"
-
-
 def run(args: argparse.Namespace) -> int:
     """Evaluate; exit OK, USAGE for bad settings, NOT_FOUND for a missing dataset or model folder."""
     if not (args.data / "index.csv").is_file():
@@ -140,18 +134,16 @@ def run(args: argparse.Namespace) -> int:
     from synthesis.evaluate import format_grid, format_table
     from synthesis.input_checks import format_checks
 
-    steps, guidance = args.steps, args.guidance
+    meta = DEFAULT_META  # baselines only: no sampler runs
     if args.model is not None:
         try:
             meta = load_model_meta(args.model)
         except ModelMetaError as e:
             raise ModelLoadError(str(e)) from e  # FAILURE via main
-        steps = meta.steps if steps is None else steps
-        guidance = meta.guidance_scale if guidance is None else guidance
-        print(
-            f"sampler: {steps} steps ({_origin(args.steps, meta)}), "
-            f"guidance {guidance:g} ({_origin(args.guidance, meta)})"
-        )
+    steps, guidance = meta.sampler(args.steps, args.guidance)
+    if args.model is not None:
+        origin = sampler_origin(args.steps, meta), sampler_origin(args.guidance, meta)
+        print(f"sampler: {steps} steps ({origin[0]}), guidance {guidance:g} ({origin[1]})")
     # A SynthesisError from here on (unreadable image, bad model) is FAILURE via main.
     report = run_evaluation(
         args.model,
@@ -160,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
         _selection(args),
         input_checks=STATIC_SELECTIONS[args.input_checks] if args.input_checks else None,
         resolution=args.resolution,
-        steps=steps if steps is not None else DEFAULT_META.steps,
-        guidance=guidance if guidance is not None else DEFAULT_META.guidance_scale,
+        steps=steps,
+        guidance=guidance,
         seed=args.seed,
         max_batch=args.max_batch,
         device=args.device,

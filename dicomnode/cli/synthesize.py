@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dicomnode.cli.common import accept_negative_lists, degrees
+from dicomnode.cli.common import accept_negative_lists, degrees, sampler_origin
 from dicomnode.cli.exitcodes import ExitCode
 from dicomnode.errors import DicomInputError, ModelLoadError
 from dicomnode.model_location import resolve_model
@@ -51,12 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _origin(given: object, meta: ModelMeta) -> str:
-    if given is not None:
-        return "given"
-    return f"recommended by {meta.source}" if meta.source else "SV-DRR default: the model has no dicomnode-model.json"
-
-
 def elevation_problem(elevations: Sequence[float], meta: ModelMeta) -> str | None:
     """Why the requested elevations are outside what the model was trained on, or None.
 
@@ -92,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dicomnode: refused: {problem}", file=sys.stderr)
         return ExitCode.USAGE
     given_steps, given_guidance = getattr(args, "steps", None), getattr(args, "guidance", None)
-    steps = given_steps if given_steps is not None else meta.steps
-    guidance = given_guidance if given_guidance is not None else meta.guidance_scale
-    print(f"steps {steps} ({_origin(given_steps, meta)}), guidance {guidance:g} ({_origin(given_guidance, meta)})")
+    steps, guidance = meta.sampler(given_steps, given_guidance)
+    origin = sampler_origin(given_steps, meta), sampler_origin(given_guidance, meta)
+    print(f"steps {steps} ({origin[0]}), guidance {guidance:g} ({origin[1]})")
     try:
         ds = pydicom.dcmread(args.input)
     except (OSError, pydicom.errors.InvalidDicomError) as e:
