@@ -11,8 +11,10 @@ and compares each figure with those stored in ``models/demo/evaluation/<selectio
 ``summary.csv`` and ``selections.csv`` and the figures of ``input_checks.json``. Exit status 0 when
 every number is reproduced (the engine is deterministic on the CPU for a fixed seed), 1 otherwise.
 
-The held-out selections: a recipe with ``hold_out_cases`` (generated patients) has one,
-``held-out-patients``, every target view of those cases, and runs the input-use checks on it (on
+The held-out selections: a recipe with ``hold_out_cases`` (generated patients) has
+``held-out-patients``, every target view of those cases, and with ``validation_cases`` also
+``validation-patients`` (patients outside every training set, on which the sampler settings were
+chosen, so that the held-out figures are not tuned on); it runs the input-use checks on each (on
 the views ``evaluation.input_checks`` names, default ``wide-el0``: |azimuth| >= 30 at elevation 0).
 An older recipe has ``heldout-angles`` and ``unseen-augmentations`` and no checks.
 """
@@ -41,15 +43,22 @@ from synthesis.input_checks import CHECKS_JSON_NAME, format_checks  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _of_cases(cases: list[str]) -> object:
+    chosen = {str(c) for c in cases}
+
+    def patients(row: IndexRow) -> bool:
+        return row.case in chosen
+
+    return patients
+
+
 def selections(recipe: dict) -> dict[str, object]:
     """The held-out selections (see the module docstring), each a filter on target rows."""
     if "hold_out_cases" in recipe:
-        cases = {str(c) for c in recipe["hold_out_cases"]}
-
-        def patients(row: IndexRow) -> bool:
-            return row.case in cases
-
-        return {"held-out-patients": patients}
+        found = {"held-out-patients": _of_cases(recipe["hold_out_cases"])}
+        if recipe.get("validation_cases"):
+            found["validation-patients"] = _of_cases(recipe["validation_cases"])
+        return found
     held_angles = {float(a) for a in recipe["hold_out_azimuths"]}
     held_augs = {int(a) for a in recipe["hold_out_augmentations"]}
 
@@ -79,14 +88,22 @@ def render_argv(command: str, out: Path) -> list[str]:
     return [str(out) if a == "DATA" else a for a in argv]
 
 
+def evaluated_render_argv(recipe: dict, out: Path) -> list[str]:
+    """The recipe's render command for only the evaluated patients (held out and validation)."""
+    argv = render_argv(recipe["data"]["command"], out)
+    cases = [*recipe.get("hold_out_cases", []), *recipe.get("validation_cases", [])]
+    evaluated = sorted(int(c[2:]) for c in cases if c.startswith("GP"))
+    if "--patients" in argv and evaluated:
+        at = argv.index("--patients") + 1
+        argv[at] = str(max(int(argv[at]), evaluated[-1] + 1))  # validation patients may lie beyond
+        argv += ["--first-patient", str(evaluated[0])]  # each patient is drawn alone
+    return argv
+
+
 def render(recipe: dict, out: Path) -> Path:
     data = recipe["data"]
     if "command" in data:
-        argv = render_argv(data["command"], out)
-        held_out = sorted(int(c[2:]) for c in recipe.get("hold_out_cases", []) if c.startswith("GP"))
-        if "--patients" in argv and held_out:
-            argv += ["--first-patient", str(held_out[0])]  # only the evaluated patients: each is drawn alone
-        code = cli.main(argv)
+        code = cli.main(evaluated_render_argv(recipe, out))
         if code != 0:
             raise SystemExit(f"rendering the dataset failed (exit {code}): {data['command']}")
         return out
@@ -124,7 +141,10 @@ def stored_figures(folder: Path) -> Figures:
         checks = json.loads((folder / CHECKS_JSON_NAME).read_text())
         for check in ("grey", "flip"):
             for key, value in checks[check].items():
-                figures[(CHECKS_JSON_NAME, check, key)] = float(value)
+                if isinstance(value, dict):  # the flip check's near-lateral figures
+                    figures.update({(CHECKS_JSON_NAME, check, key, k): float(v) for k, v in value.items()})
+                elif value is not None:
+                    figures[(CHECKS_JSON_NAME, check, key)] = float(value)
     return figures
 
 
@@ -163,10 +183,18 @@ def card_rows(name: str, report: Report) -> list[str]:
             f"drop {g.psnr_drop:.2f} dB | {'pass' if g.passed else 'FAIL'} | {g.n} |"
         )
         rows.append(
-            f"| {name} | flipped PA | SSIM {f.ssim_to_mirrored_truth:.3f} to mirrored truth, "
-            f"{f.ssim_to_unflipped_output:.3f} to unflipped output | {f.fraction_closer_to_mirrored_truth:.0%} "
-            f"of views closer to the mirror | {'pass' if f.passed else 'FAIL'} | {f.n} |"
+            f"| {name} | flipped PA, abs(azimuth) <= {f.max_azimuth:g} | SSIM {f.ssim_to_mirrored_truth:.3f} to "
+            f"mirrored truth, {f.ssim_to_unflipped_output:.3f} to unflipped output | "
+            f"{f.fraction_closer_to_mirrored_truth:.0%} of views closer to the mirror | "
+            f"{'pass' if f.passed else 'FAIL'} | {f.n} |"
         )
+        if (lateral := f.near_lateral) is not None:
+            rows.append(
+                f"| {name} | flipped PA, near-lateral (not judged) | SSIM {lateral.ssim_to_mirrored_truth:.3f} to "
+                f"mirrored truth, {lateral.ssim_to_unflipped_output:.3f} to unflipped output | truth to mirrored "
+                f"truth {lateral.ssim_truth_to_mirrored_truth:.3f} (judged views {f.ssim_truth_to_mirrored_truth:.3f}) "
+                f"| - | {lateral.n} |"
+            )
     return rows
 
 

@@ -7,7 +7,8 @@ with the same loaded model and sampler settings, and judges the targets:
 
 * the model beats the identity baseline on PSNR and on SSIM over |azimuth| >= 30 at elevation 0,
   and at azimuth +-45 at each non-zero elevation present (e.g. -30, -15, +15, +30);
-* the grey input costs the model at least 3 dB PSNR; the flipped PA is answered by the mirrored view.
+* the grey input costs the model at least 3 dB PSNR; the flipped PA is answered by the mirrored view
+  (judged at |azimuth| <= 60: see :data:`synthesis.input_checks.FLIP_MAX_AZIMUTH`).
 
 Writes, besides the evaluation's files, ``selections.csv``, ``angles.png``, ``targets.json`` and,
 with the checks, ``input_checks.json`` and ``input_checks.csv``. ``dicomnode evaluate`` and
@@ -90,7 +91,7 @@ def judge(selections: SelectionSummary, checks: InputChecks | None = None) -> li
         targets.append(Target(f"grey input costs >= {g.target_db:g} dB PSNR", g.psnr_drop, g.target_db, g.passed))
         targets.append(
             Target(
-                "flipped PA: SSIM to mirrored truth > to unflipped output",
+                f"flipped PA (abs azimuth <= {f.max_azimuth:g}): SSIM to mirrored truth > to unflipped output",
                 f.ssim_to_mirrored_truth,
                 f.ssim_to_unflipped_output,
                 f.passed,

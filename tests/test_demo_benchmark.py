@@ -43,6 +43,24 @@ def test_render_argv_substitutes_the_dataset_folder(demo_bench: ModuleType, tmp_
         demo_bench.render_argv("dicomnode train --data DATA", tmp_path)
 
 
+def test_validation_patients_are_a_selection_and_are_rendered(demo_bench: ModuleType, tmp_path: Path) -> None:
+    recipe = {
+        "data": {"command": "dicomnode drr render --example-ct --out DATA --patients 64 --seed 11"},
+        "hold_out_cases": ["GP056", "GP057"],
+        "validation_cases": ["GP064", "GP065"],
+    }
+    found = demo_bench.selections(recipe)
+    assert list(found) == ["held-out-patients", "validation-patients"]
+    row = demo_bench.IndexRow("P", "GP064", 0, 1, 30.0, 0.0, "x.png")
+    assert found["validation-patients"](row) and not found["held-out-patients"](row)
+    argv = demo_bench.evaluated_render_argv(recipe, tmp_path / "d")
+    assert argv[argv.index("--patients") + 1] == "66" and argv[argv.index("--first-patient") + 1] == "56"
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "d")
+    del recipe["validation_cases"]
+    argv = demo_bench.evaluated_render_argv(recipe, tmp_path / "d")
+    assert argv[argv.index("--patients") + 1] == "64" and argv[argv.index("--first-patient") + 1] == "56"
+
+
 def test_record_then_reproduce_then_catch_a_change(
     demo_bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,9 +20,11 @@ import torch
 from dicomnode.errors import SynthesisError
 from synthesis.drr_dataset import load_index
 from synthesis.input_checks import (
+    FLIP_MAX_AZIMUTH,
     FLIP_SEED_OFFSET,
     GREY_LEVEL,
     Predictor,
+    ViewCheck,
     format_checks,
     read_checks,
     run_input_checks,
@@ -101,6 +103,10 @@ def test_an_oracle_that_uses_its_input_passes_both(dataset: Path, tmp_path: Path
     truth = load_drr_image(dataset / "images/c1_000_0007.png", SIZE)  # view 7: (-30, 0)
     assert by_view[("c1", -30.0)].psnr_grey == psnr(np.full_like(truth, GREY_LEVEL), truth)
     assert by_view[("c1", -30.0)].ssim_grey == ssim(np.full_like(truth, GREY_LEVEL), truth)
+    # How much mirroring the patient changes the view: the truth against the mirrored truth.
+    mirrored = np.fliplr(load_drr_image(dataset / "images/c1_000_0008.png", SIZE))  # view 8: (+30, 0)
+    assert by_view[("c1", -30.0)].ssim_truth_to_mirrored_truth == ssim(truth, mirrored) < 0.9
+    assert f.ssim_truth_to_mirrored_truth < 0.9 and f.near_lateral is None  # no view beyond 60 degrees
 
     document = json.loads(checks.json_path.read_text())
     assert document["passed"] is True and document["inputs"] == 3 and document["settings"] == {"seed": 3}
@@ -113,6 +119,33 @@ def test_an_oracle_that_uses_its_input_passes_both(dataset: Path, tmp_path: Path
         np.testing.assert_array_equal(np.array(astuple(a)[4:]), np.array(astuple(b)[4:]))
     assert summarise_checks(written) == (g, f)
     assert "PASS" in format_checks(checks) and "FAIL" not in format_checks(checks)
+
+
+def _view(azimuth: float, to_mirrored_truth: float, to_unflipped_output: float, truth_to_mirror: float) -> ViewCheck:
+    flip = (to_mirrored_truth, to_unflipped_output, 18.0, 17.0, truth_to_mirror)
+    return ViewCheck("c", 0, azimuth, 0.0, 20.0, 0.5, 15.0, 0.4, *flip)
+
+
+def test_near_lateral_views_are_reported_but_not_judged() -> None:
+    # At a lateral the mirrored patient's view is nearly the patient's own: the right answer to the
+    # flipped PA is nearly the unflipped one, so those views cannot decide the check either way.
+    oblique = [_view(a, 0.55, 0.50, 0.45) for a in (-60.0, -30.0, 30.0, 60.0)]
+    lateral = [_view(a, 0.45, 0.65, 0.77) for a in (-90.0, -75.0, 75.0, 90.0)]
+    missing = _view(45.0, math.nan, math.nan, math.nan)  # no mirrored view in the data
+    assert FLIP_MAX_AZIMUTH == 60.0
+    _, flip = summarise_checks([*oblique, *lateral, missing])
+    assert flip.n == 4 and flip.ssim_to_mirrored_truth == pytest.approx(0.55) and flip.passed
+    assert flip.ssim_truth_to_mirrored_truth == pytest.approx(0.45)
+    near = flip.near_lateral
+    assert near is not None and near.n == 4 and near.ssim_to_unflipped_output == pytest.approx(0.65)
+    assert near.fraction_closer_to_mirrored_truth == 0.0 and near.ssim_truth_to_mirrored_truth == pytest.approx(0.77)
+    assert flip.to_dict()["near_lateral"]["n"] == 4 and flip.to_dict()["passed"] is True
+    # Judged over every view with a mirror, the laterals would outvote the obliques.
+    _, only_lateral = summarise_checks(lateral)
+    assert only_lateral.n == 0 and not only_lateral.passed and only_lateral.near_lateral is not None
+    # A memoriser's obliques still fail: its flipped answer is its unflipped one.
+    _, memorised = summarise_checks([_view(a, 0.45, 1.0, 0.45) for a in (-45.0, 45.0)] + lateral)
+    assert not memorised.passed
 
 
 def test_a_memoriser_of_one_patient_fails_both(dataset: Path, tmp_path: Path) -> None:
