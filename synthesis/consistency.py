@@ -22,7 +22,7 @@ earlier 64 px demo model (dB; ``benchmarks/calibrate_gate.py``): conditional -- 
 21.7..22.7, real chest CR RG1 11.7, uniform grey 9.9; unconditional -- training 13.1..14.6, RG1 6.5,
 uniform 9.3. The shipped 128 px model reads its PA through the view-aligned channel too, which at
 (0, 0) is the input itself, yet its conditional score still separates: training PA views
-19.1..21.2, shipped sample 20.5, RG1 11.8, uniform grey 11.6; so it is calibrated on the
+19.0..21.4, shipped sample 21.0, RG1 11.7, uniform grey 12.7; so it is calibrated on the
 conditional score.
 
 A second, simpler score is the gate method ``identity-ssim`` (:func:`identity_ssim`): the SSIM
