@@ -1,6 +1,6 @@
 """Reproduce the evaluation table of the shipped demo model (models/demo/MODEL_CARD.md).
 
-    python benchmarks/demo_model.py                 # renders the DRRs (about 7 min on 2 cores)
+    python benchmarks/demo_model.py                 # renders the DRRs (about 16 min on 2 cores)
     python benchmarks/demo_model.py --data DIR      # reuse a dataset rendered with the same recipe
 
 It renders the dataset exactly as ``models/demo/recipe.json`` records (``data.command``, a
