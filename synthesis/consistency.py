@@ -29,7 +29,7 @@ A second, simpler score is the gate method ``identity-ssim`` (:func:`identity_ss
 between the identity view (0, 0), synthesised in the same batch as the job's views, and the
 prepared input. It costs a whole view and depends on the sampler settings (steps, guidance); the
 denoising score costs one transformer call and does not. On the shipped demo model (3 steps,
-guidance 1.5): shipped sample 0.72, uniform grey 0.47 (0.64 and 0.38 at 20 steps).
+guidance 1.5): shipped sample 0.76, uniform grey 0.53 (0.72 and 0.48 at 20 steps).
 
 Everything here is deterministic for a given model, input and settings: the noise comes from a
 CPU ``torch.Generator`` with a fixed seed, so a retried job gets the same score.

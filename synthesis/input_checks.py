@@ -111,9 +111,14 @@ class ViewCheck:
     ssim_truth_to_mirrored_truth: float  # how much mirroring the patient changes this view (1: not at all)
 
     @property
+    def has_mirror(self) -> bool:
+        """The data holds the mirrored view (-azimuth, elevation), so the flip figures are measured."""
+        return math.isfinite(self.ssim_flip_to_mirrored_truth)
+
+    @property
     def in_flip_verdict(self) -> bool:
         """Has a mirrored truth and is not near-lateral (see :data:`FLIP_MAX_AZIMUTH`)."""
-        return math.isfinite(self.ssim_flip_to_mirrored_truth) and abs(self.azimuth) <= FLIP_MAX_AZIMUTH + 1e-6
+        return self.has_mirror and abs(self.azimuth) <= FLIP_MAX_AZIMUTH + 1e-6
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,7 @@ def summarise_checks(views: Sequence[ViewCheck], target_db: float = GREY_TARGET_
         target_db,
     )
     judged = [v for v in views if v.in_flip_verdict]
-    lateral = [v for v in views if math.isfinite(v.ssim_flip_to_mirrored_truth) and not v.in_flip_verdict]
+    lateral = [v for v in views if v.has_mirror and not v.in_flip_verdict]
     figures = FlipFigures.of(judged)
     flip = FlipCheck(**asdict(figures), near_lateral=FlipFigures.of(lateral) if lateral else None)
     return grey, flip
