@@ -14,8 +14,8 @@ After each run the server's instance count must have grown by exactly the files 
 
 Printed per cell: median images/s and MB/s (file bytes), the range over rounds, the ratio
 node/Orthanc of the medians, and each server's CPU milliseconds per image (user + system time of the
-``serve`` and the Orthanc process, all their threads). Figures depend on the machine and its load:
-say where they were taken.
+``serve`` process with its receiving processes, and of the Orthanc process, all their threads).
+Figures depend on the machine and its load: say where they were taken.
 """
 
 from __future__ import annotations
@@ -99,6 +99,20 @@ def write_files(folder: Path, data: bytes, count: int, groups: int, nonce: int) 
 # ---- Servers ------------------------------------------------------------------------------------------
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return found
+
+
 @dataclass
 class Server:
     name: str
@@ -108,8 +122,15 @@ class Server:
     count: Callable[[], int]  # instances held
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        """User + system time of the server and every process under it (the node's receivers)."""
+        total = 0.0
+        for pid in _tree(self.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        return total
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -118,14 +139,15 @@ class Server:
         return float("nan")
 
 
-def start_node(folder: Path) -> tuple[NodeProcess, Server]:
+def start_node(folder: Path, receive_processes: int) -> tuple[NodeProcess, Server]:
     port = free_port()
     folder.mkdir(parents=True)
     (folder / "no-model").mkdir()  # a model still to come: the node receives and queues, synthesis waits
     config = folder / "dicomnode.toml"
     config.write_text(
         f'[node]\nae_title = "SVDRR"\nbind_address = "127.0.0.1"\nport = {port}\n'
-        f'storage_dir = "{folder / "var"}"\nmin_free_mb = 0\n\n[engine]\nmodel = "{folder / "no-model"}"\n'
+        f'storage_dir = "{folder / "var"}"\nmin_free_mb = 0\nreceive_processes = {receive_processes}\n'
+        f'\n[engine]\nmodel = "{folder / "no-model"}"\n'
         f"\n[http]\nport = {free_port()}\n"  # the console as a site runs it, on a port of its own
     )
     node = NodeProcess(config, port, folder / "node.log").start()
@@ -238,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved runs per server and cell")
     parser.add_argument("--quick", action="store_true", help="20 and 4 images, 2 rounds: shows that it works")
     parser.add_argument("--rss", type=int, default=0, help="also send this many small instances and print RSS")
+    parser.add_argument(
+        "--receive-processes", type=int, default=2, help="node.receive_processes (the shipped file's 2)"
+    )
     parser.add_argument("--work", type=Path, help="folder for servers and files (default: a temporary one)")
     args = parser.parse_args(argv)
     if not Path(STORESCU).exists():
@@ -249,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     associations = [int(a) for a in args.associations.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start"
-    node_proc, node = start_node(work / "node")
+    node_proc, node = start_node(work / "node", args.receive_processes)
     orthanc_proc, orthanc = start_orthanc(work / "orthanc")
     cells = []
     try:

@@ -29,12 +29,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.log_escape import printable
+
+if TYPE_CHECKING:
+    from dicomnode.direct_association import DirectAcceptor
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +112,10 @@ class GatedAssociationServer(ThreadedAssociationServer):
         request_timeout_s: float = 5.0,
         max_associations_per_peer: int = 0,
         on_refused: Callable[[RefusedRequest], None] | None = None,
+        direct: DirectAcceptor | None = None,
         **kwargs: Any,
     ) -> None:
+        self.direct = direct
         self.request_timeout_s = request_timeout_s
         self.max_associations_per_peer = max_associations_per_peer  # 0: no cap
         self.on_refused = on_refused
@@ -141,6 +146,8 @@ class GatedAssociationServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
             refusal = self._bad_ae_title(pdu)
+            plain = self.direct.takes(pdu) if self.direct is not None and pdu else None
+            admitted: Callable[[], None] | None = None
             if refusal is None:
                 with self._admit:
                     if self._closing:
@@ -148,8 +155,15 @@ class GatedAssociationServer(ThreadedAssociationServer):
                         return
                     if self._over_peer_cap(host):
                         refusal = (REJECT_LOCAL_LIMIT, self._cap_reason(host))
+                    elif self._running() >= self.ae.maximum_associations:
+                        refusal = (REJECT_LOCAL_LIMIT, f"more than {self.ae.maximum_associations} associations at once")
+                    elif plain is not None and self.direct is not None:
+                        admitted = self.direct.admit(request, plain, len(pdu), (host, port))
                     else:
                         self.finish_request(request, client_address)  # starts the Association thread
+            if admitted is not None:
+                admitted()  # on this thread until the association ends, or handed to a receiving process
+                return
             if refusal is not None:
                 self._reject(request, pdu, host, port, *refusal)
         except Exception:
@@ -196,14 +210,18 @@ class GatedAssociationServer(ThreadedAssociationServer):
     def _cap_reason(self, host: str) -> str:
         return f"more than {self.max_associations_per_peer} associations at once from {host}"
 
+    def _running(self, host: str | None = None) -> int:
+        """Associations running on either path (of ``host``, or all)."""
+        general = sum(
+            1
+            for a in self.active_associations
+            if a.is_alive() and a.is_acceptor and (host is None or a.requestor.address == host)
+        )
+        return general + (self.direct.count(host) if self.direct is not None else 0)
+
     def _over_peer_cap(self, host: str) -> bool:
         cap = self.max_associations_per_peer
-        if not cap:
-            return False
-        running = [
-            a for a in self.active_associations if a.is_alive() and a.requestor.address == host
-        ]
-        return len(running) >= cap
+        return bool(cap) and self._running(host) >= cap
 
     def _reject(self, sock: Any, pdu: bytes, host: str, port: int, rejection: bytes, reason: str) -> None:
         """Answer ``rejection`` (an A-ASSOCIATE-RJ) and close, reading the request first."""
@@ -262,6 +280,7 @@ def start_gated_server(
     request_timeout_s: float,
     max_associations_per_peer: int,
     on_refused: Callable[[RefusedRequest], None] | None = None,
+    direct: DirectAcceptor | None = None,
 ) -> GatedAssociationServer:
     """Listen on ``address`` in a background thread, as ``ae.start_server(..., block=False)`` does."""
     server = ae.make_server(
@@ -272,6 +291,7 @@ def start_gated_server(
         request_timeout_s=request_timeout_s,
         max_associations_per_peer=max_associations_per_peer,
         on_refused=on_refused,
+        direct=direct,
     )
     assert isinstance(server, GatedAssociationServer)
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):

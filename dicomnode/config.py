@@ -176,6 +176,7 @@ class NodeSettings:
     request_timeout_s: float = 5.0
     max_associations_per_peer: int = 5
     maximum_pdu_bytes: int = 1048576
+    receive_processes: int = 0
     name: str = ""
     role: str = "all"
 
@@ -192,6 +193,7 @@ class NodeSettings:
         _check_range("node.max_associations", self.max_associations, 1)
         _check_range("node.max_associations_per_peer", self.max_associations_per_peer, 0)
         _check_range("node.maximum_pdu_bytes", self.maximum_pdu_bytes, 4096, 2**32 - 1)
+        _check_range("node.receive_processes", self.receive_processes, 0, 64)
         if self.duplicate_policy not in DUPLICATE_POLICIES:
             raise ConfigError(
                 f"node.duplicate_policy: must be one of {DUPLICATE_POLICIES}, got {self.duplicate_policy!r}"

@@ -110,7 +110,7 @@ def _truncated(pos: int, what: str) -> Refusal:
 class _Walker:
     """Skips data elements (PS3.5 7.1, 7.5) and notes the top-level pixel element."""
 
-    def __init__(self, buf: bytes, implicit: bool, order: str) -> None:
+    def __init__(self, buf: bytes | memoryview, implicit: bool, order: str) -> None:
         self.buf, self.implicit, self.order = buf, implicit, order
         self.pixels: PixelDataLayout | None = None
         self.pixels_at: int | None = None  # where the first top-level pixel element starts
@@ -127,7 +127,7 @@ class _Walker:
             tag, start = group << 16 | element, pos
             if tag == _ITEM_DELIMITER and in_item:
                 return pos + 8
-            vr = buf[pos + 4 : pos + 6]
+            vr = bytes(buf[pos + 4 : pos + 6])  # buf may be a memoryview of the received PDU
             if implicit or group == 0xFFFE:
                 (length,), pos = struct.unpack_from(order + "L", buf, pos + 4), pos + 8
             elif vr in _LONG_VRS:
@@ -190,7 +190,7 @@ class _Walker:
             if pos + length > len(buf):
                 raise _truncated(pos, f"Pixel Data fragment needs {length} bytes")
             if not self.pixels.items:
-                self.pixels.offset_table = buf[pos : pos + length]
+                self.pixels.offset_table = bytes(buf[pos : pos + length])
             self.pixels.items.append(length)
             pos += length
         raise _truncated(pos, "no sequence delimiter after the Pixel Data fragments")
@@ -205,7 +205,7 @@ def check_complete(body: bytes, transfer_syntax: UID) -> PixelDataLayout | None:
     return _walk(body, transfer_syntax).pixels
 
 
-def _walk(body: bytes, transfer_syntax: UID) -> _Walker:
+def _walk(body: bytes | memoryview, transfer_syntax: UID) -> _Walker:
     if transfer_syntax.is_deflated:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # PS3.5 A.5: raw deflate, no zlib header
         try:
@@ -323,7 +323,7 @@ class Received:
 
 def check_c_store(
     header: bytes,
-    body: bytes,
+    body: bytes | memoryview,
     transfer_syntax: UID,
     abstract_syntax: str,
     AffectedSOPClassUID: str,

@@ -31,10 +31,16 @@ own within PS3.4's "Error: Cannot understand" range, 0xC211 being pynetdicom's f
 0xC219 the image description (Rows, Columns, Bits Allocated, Samples per Pixel, Frames) is unusable
 ====== ================================================================================================
 
+Two paths serve associations with the same policy, records and handlers: plain storage associations
+(most of them) are served by the node's own Upper Layer code (:mod:`dicomnode.direct_association`),
+in this process or in ``node.receive_processes`` receiving processes (:mod:`dicomnode.receivers`);
+the rest (TLS, storage commitment, negotiation the direct path does not speak) by pynetdicom.
+
 Association policy (PS3.8 7.1.1): the Called AE Title must be ours when
 ``security.require_called_ae_title`` is set, the Calling AE Title must be listed in
-``security.allowed_calling_ae_titles`` when that list is not empty. pynetdicom does the rejecting;
-:meth:`StorageSCP._on_rejected` records and logs why. Before that, :mod:`dicomnode.association_gate`
+``security.allowed_calling_ae_titles`` when that list is not empty. pynetdicom does the rejecting
+on its path (:meth:`StorageSCP._on_rejected` records and logs why), :meth:`StorageSCP.direct_rejection`
+on the direct path. Before that, :mod:`dicomnode.association_gate`
 closes connections that send no A-ASSOCIATE-RQ within ``node.request_timeout_s`` (they never take one
 of the ``node.max_associations`` slots) and rejects, transient, a peer address already holding
 ``node.max_associations_per_peer`` associations. Every association, accepted or not, gets a row in
@@ -49,8 +55,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -76,16 +83,17 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode import commitment
+from dicomnode import commitment, pdu
 from dicomnode.association_gate import GatedAssociationServer, RefusedRequest, start_gated_server
 from dicomnode.config import Settings
 from dicomnode.dataset_checks import (
+    CANNOT_UNDERSTAND,
     ERROR_COMMENT_MAX,
     OUT_OF_RESOURCES,
-    Received,
     Refusal,
     check_c_store,
 )
+from dicomnode.direct_association import DirectAcceptor
 from dicomnode.errors import ConfigError, StorageError
 from dicomnode.group_commit import GroupCommitter
 from dicomnode.log_escape import printable
@@ -95,7 +103,7 @@ from dicomnode.scp_tls import server_tls_context
 from dicomnode.scu import set_tcp_nodelay
 from storage.associations import end_association, record_association
 from storage.durability import FlushError, ingest_commit
-from storage.instances import classify_resend, find_instance, record_instance, replace_file
+from storage.instances import classify_resend, find_instance, insert_received, replace_file
 from storage.models import Instance
 from storage.store import InstanceStore, StoredFile
 
@@ -140,6 +148,14 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     return rsp
 
 
+class ScpObserver(Protocol):
+    """Told of what the SCP answered, on either path (the console's metrics)."""
+
+    def association(self, accepted: bool) -> None: ...
+
+    def c_store(self, status: int, data_set_bytes: int) -> None: ...
+
+
 # ---- The server -----------------------------------------------------------------------------------
 
 
@@ -175,11 +191,23 @@ class StorageSCP:
         self.sessions = sessions
         self.intake = intake
         self._server: GatedAssociationServer | None = None
-        self._records: dict[Association, _AssociationRecord] = {}
+        self._records: dict[object, _AssociationRecord] = {}  # by association (either path)
         self._lock = threading.Lock()
         self._ingest = ingest_commit(store.root, sessions)
+        self._writer = ThreadPoolExecutor(settings.node.max_associations, thread_name_prefix="scp-write")
         self._committer = GroupCommitter(self._ingest.sessions, self._ingest.flush)
         self._ae = self._make_ae()
+        self.observers: list[ScpObserver] = []
+        self.general_only = frozenset({str(StorageCommitmentPushModel)})  # served by pynetdicom only
+        self._direct = DirectAcceptor(
+            self,
+            {
+                str(c.abstract_syntax): tuple(str(ts) for ts in c.transfer_syntax)
+                for c in self._ae.supported_contexts
+                if str(c.abstract_syntax) not in self.general_only
+            },
+            (str(self._ae.implementation_class_uid), str(self._ae.implementation_version_name or "")),
+        )
 
     def _make_ae(self) -> AE:
         node, security = self.settings.node, self.settings.security
@@ -212,6 +240,12 @@ class StorageSCP:
         if self._server is not None:
             raise RuntimeError("the SCP is already running")
         node = self.settings.node
+        plain_tcp = not self.settings.security.tls_enabled
+        if plain_tcp and node.receive_processes:
+            from dicomnode.receivers import ReceiverPool
+
+            self._direct.pool = ReceiverPool(self.settings, node.receive_processes, self._notify)
+            self._direct.pool.start()
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_CONN_OPEN, read_pdus_in_bulk),
@@ -234,6 +268,7 @@ class StorageSCP:
                 request_timeout_s=node.request_timeout_s,
                 max_associations_per_peer=node.max_associations_per_peer,
                 on_refused=self._on_refused_at_gate,
+                direct=self._direct if plain_tcp else None,
             )
         except OSError as e:
             raise ConfigError(f"node.port: cannot listen on {node.bind_address}:{node.port}: {e}") from e
@@ -256,20 +291,34 @@ class StorageSCP:
             return
         server.shutdown()  # stops the accept loop and closes the listening socket
         deadline = time.monotonic() + timeout_s
+        self._direct.stop(deadline)
+        if self._direct.pool is not None:
+            self._direct.pool.stop(deadline)
+            self._direct.pool = None
         for assoc in [a for a in self._ae.active_associations if a.is_acceptor]:
             requested = assoc.requestor.primitive is not None
             if requested:
                 assoc.join(max(0.0, deadline - time.monotonic()))
             if assoc.is_alive():
                 if requested:
-                    logger.warning("association %s: still running at shutdown, aborting", self._tag(assoc))
+                    logger.warning("association %s: still running at shutdown, aborting", self.tag(assoc))
                 assoc.abort()
+        self.close_all("shutdown")
+        logger.info("Storage SCP %s stopped", self.settings.node.ae_title)
+
+    def close_all(self, how: str) -> None:
+        """Record the end of every association still open, and release the ingest engine."""
         with self._lock:
             leftover = list(self._records)
         for assoc in leftover:
-            self._finish(assoc, "shutdown")
+            self.close_record(assoc, how)
+        self._writer.shutdown(wait=True)
         self._ingest.close()
-        logger.info("Storage SCP %s stopped", self.settings.node.ae_title)
+
+    @property
+    def direct(self) -> DirectAcceptor:
+        """The direct path (:mod:`dicomnode.direct_association`)."""
+        return self._direct
 
     @property
     def listening(self) -> bool:
@@ -291,10 +340,22 @@ class StorageSCP:
 
     # ---- association events ----
 
-    def _tag(self, assoc: Association) -> str:
+    def tag(self, assoc: object) -> str:
+        """The association's row id for log lines, or "?" before it has one."""
         with self._lock:
             record = self._records.get(assoc)
         return str(record.id) if record else "?"
+
+    def has_record(self, assoc: object) -> bool:
+        with self._lock:
+            return assoc in self._records
+
+    def _notify(self, name: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, name)(*args)
+            except Exception:
+                logger.exception("SCP observer %r failed", observer)
 
     def _on_requested(self, event: evt.Event) -> None:
         """Within each proposed context, prefer the transfer syntaxes in the requestor's own order."""
@@ -313,34 +374,53 @@ class StorageSCP:
         assoc = event.assoc
         requestor = assoc.requestor
         calling_ae, called_ae = _ae_titles(assoc)
+        if not self.open_record(assoc, calling_ae, called_ae, requestor.address, requestor.port):
+            assoc.abort()
+
+    def open_record(self, assoc: object, calling_ae: str, called_ae: str, host: str, port: int) -> bool:
+        """Record an accepted association (either path); False when it cannot be, and must be aborted."""
         try:
             row = self._committer.run(
                 lambda session: record_association(
-                    session,
-                    calling_ae=calling_ae,
-                    called_ae=called_ae,
-                    peer_host=requestor.address,
-                    peer_port=requestor.port,
-                    accepted=True,
+                    session, calling_ae=calling_ae, called_ae=called_ae, peer_host=host, peer_port=port, accepted=True
                 )
             )
         except Exception:
             # Instances could not name their association: refuse the whole association instead.
-            logger.exception(
-                "association ?: cannot record %s from %s, aborting", printable(calling_ae), requestor.address
-            )
-            assoc.abort()
-            return
+            logger.exception("association ?: cannot record %s from %s, aborting", printable(calling_ae), host)
+            return False
         with self._lock:
-            self._records[assoc] = _AssociationRecord(row.id, calling_ae, called_ae, requestor.address)
+            self._records[assoc] = _AssociationRecord(row.id, calling_ae, called_ae, host)
         logger.info(
             "association %d: accepted %s -> %s from %s:%d",
             row.id,
             printable(calling_ae),
             printable(called_ae),
-            requestor.address,
-            requestor.port,
+            host,
+            port,
         )
+        self._notify("association", True)
+        return True
+
+    def direct_rejection(self, request: pdu.AssociateRequest) -> tuple[tuple[int, int, int], str] | None:
+        """The A-ASSOCIATE-RJ (result, source, reason) and why, for a request on the direct path; or None.
+
+        The same answers pynetdicom gives on the general path, in its order of precedence.
+        """
+        security, node = self.settings.security, self.settings.node
+        if not request.protocol_version & 1:
+            return (1, 2, 2), f"protocol version {request.protocol_version} not supported"
+        if request.application_context != pdu.APPLICATION_CONTEXT:
+            return (1, 1, 2), f"application context {printable(request.application_context, 64)} not supported"
+        diagnostic: tuple[int, int, int] | None = None
+        allowed = [t.strip() for t in security.allowed_calling_ae_titles]
+        if allowed and request.calling_ae not in allowed:
+            diagnostic = (1, 1, 3)
+        if security.require_called_ae_title and request.called_ae != node.ae_title.strip():
+            diagnostic = (1, 1, 7)
+        if diagnostic is None:
+            return None
+        return diagnostic, self._rejection_reason(request.calling_ae, request.called_ae, diagnostic)
 
     def _rejection_reason(
         self, calling_ae: str, called_ae: str, diagnostic: tuple[int | None, int | None, int | None]
@@ -362,15 +442,17 @@ class StorageSCP:
         calling_ae, called_ae = _ae_titles(event.assoc)
         rj = cast(A_ASSOCIATE, event.assoc.acceptor.primitive)
         reason = self._rejection_reason(calling_ae, called_ae, (rj.result, rj.result_source, rj.diagnostic))
-        self._record_rejection(requestor.address, requestor.port, calling_ae, called_ae, reason)
+        self.record_rejection(requestor.address, requestor.port, calling_ae, called_ae, reason)
 
     def _on_refused_at_gate(self, refused: RefusedRequest) -> None:
         """The association gate rejected a request itself (a peer over its per-address cap)."""
-        self._record_rejection(
+        self.record_rejection(
             refused.peer_host, refused.peer_port, refused.calling_ae, refused.called_ae, refused.reason
         )
 
-    def _record_rejection(self, host: str, port: int, calling_ae: str, called_ae: str, reason: str) -> None:
+    def record_rejection(self, host: str, port: int, calling_ae: str, called_ae: str, reason: str) -> None:
+        """Record and log a rejected association request (either path, or the gate)."""
+        self._notify("association", False)
         row_id = "?"
         try:
             row = self._committer.run(
@@ -393,9 +475,9 @@ class StorageSCP:
         how = {"EVT_RELEASED": "released", "EVT_ABORTED": "aborted"}.get(
             event.event.name, "connection closed"
         )
-        self._finish(event.assoc, how)
+        self.close_record(event.assoc, how)
 
-    def _finish(self, assoc: Association, how: str) -> None:
+    def close_record(self, assoc: object, how: str) -> None:
         """Close the association's row once (released, aborted or connection lost, whichever is first)."""
         with self._lock:
             record = self._records.pop(assoc, None)
@@ -408,74 +490,102 @@ class StorageSCP:
         logger.info("association %d: %s after %d new instances", record.id, how, record.n_instances)
 
     def _on_echo(self, event: evt.Event) -> int:
-        logger.debug("association %s: C-ECHO", self._tag(event.assoc))
+        return self.echo_status(event.assoc)
+
+    def echo_status(self, assoc: object) -> int:
+        logger.debug("association %s: C-ECHO", self.tag(assoc))
         return SUCCESS
 
     def _on_event_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
-        logger.debug("association %s: N-EVENT-REPORT", self._tag(event.assoc))
+        logger.debug("association %s: N-EVENT-REPORT", self.tag(event.assoc))
         return commitment.on_event_report(self.settings, self.sessions, event)
 
     # ---- C-STORE ----
 
     def _on_store(self, event: evt.Event) -> Dataset:
-        with self._lock:
-            record = self._records.get(event.assoc)
-        if record is None:
-            return _status(OUT_OF_RESOURCES, "association not recorded")
-        try:
-            return self._store(event, record)
-        except Refusal as refusal:
-            logger.warning(
-                "association %d: C-STORE of %s refused with 0x%04X: %s",
-                record.id,
-                printable(cast(C_STORE, event.request).AffectedSOPInstanceUID, 64),
-                refusal.status,
-                printable(refusal.reason),
-            )
-            return _status(refusal.status, refusal.reason)
-        except Exception:
-            logger.exception(
-                "association %d: unexpected error storing %s",
-                record.id,
-                printable(cast(C_STORE, event.request).AffectedSOPInstanceUID, 64),
-            )
-            return _status(OUT_OF_RESOURCES, "internal error, see the node log")
-
-    def _check(self, event: evt.Event) -> tuple[bytes, bytes, Received]:
-        """The File Meta Information header and the received data set, checked (dicomnode.dataset_checks)."""
         req = cast(C_STORE, event.request)
         context = event.context
-        AffectedSOPClassUID = str(req.AffectedSOPClassUID or "")
-        AffectedSOPInstanceUID = str(req.AffectedSOPInstanceUID or "")
-        body = event.encoded_dataset(include_meta=False)
-        header = file_header(AffectedSOPClassUID, AffectedSOPInstanceUID, str(context.transfer_syntax))
-        received = check_c_store(
-            header,
-            body,
-            UID(context.transfer_syntax),
+        status, comment = self.store_request(
+            event.assoc,
             str(context.abstract_syntax),
-            AffectedSOPClassUID,
-            AffectedSOPInstanceUID,
+            str(context.transfer_syntax),
+            str(req.AffectedSOPClassUID or ""),
+            str(req.AffectedSOPInstanceUID or ""),
+            event.encoded_dataset(include_meta=False),
         )
-        return header, body, received
+        return _status(status, comment)
 
-    def _store(self, event: evt.Event, record: _AssociationRecord) -> Dataset:
+    def store_request(
+        self,
+        assoc: object,
+        abstract_syntax: str,
+        transfer_syntax: str,
+        sop_class: str,
+        sop_instance: str,
+        body: bytes | memoryview | None,
+    ) -> tuple[int, str | None]:
+        """Answer one C-STORE request (either path): its status and Error Comment.
+
+        ``body`` is the data set as received (None: the request had none).
+        """
+        with self._lock:
+            record = self._records.get(assoc)
+        if record is None:
+            status, comment = OUT_OF_RESOURCES, "association not recorded"
+        else:
+            try:
+                if body is None:
+                    raise Refusal(CANNOT_UNDERSTAND, "C-STORE request without a data set")
+                status, comment = self._store(record, abstract_syntax, transfer_syntax, sop_class, sop_instance, body)
+            except Refusal as refusal:
+                logger.warning(
+                    "association %d: C-STORE of %s refused with 0x%04X: %s",
+                    record.id,
+                    printable(sop_instance, 64),
+                    refusal.status,
+                    printable(refusal.reason),
+                )
+                status, comment = refusal.status, refusal.reason
+            except Exception:
+                logger.exception("association %d: unexpected error storing %s", record.id, printable(sop_instance, 64))
+                status, comment = OUT_OF_RESOURCES, "internal error, see the node log"
+        if comment:
+            comment = comment.replace("\\", "/")[:ERROR_COMMENT_MAX]
+        self._notify("c_store", status, 0 if body is None else len(body))
+        return status, comment
+
+    def _store(
+        self,
+        record: _AssociationRecord,
+        abstract_syntax: str,
+        transfer_syntax: str,
+        sop_class: str,
+        sop_instance: str,
+        body: bytes | memoryview,
+    ) -> tuple[int, str | None]:
         """Check, write durably, record (with intake) in one transaction, then answer Success."""
-        header, body, received = self._check(event)
+        header = file_header(sop_class, sop_instance, transfer_syntax)
+        # The header and the data set as received, never joined (no copy of the pixels); synced step
+        # by step, or flushed with the group after the commit. Written (and hashed) on another thread
+        # while this one checks the data set: both release the interpreter lock for most of it.
+        writing = self._writer.submit(self.store.write, (header, body), sync=self._ingest.flush is None)
+        try:
+            received = check_c_store(header, body, UID(transfer_syntax), abstract_syntax, sop_class, sop_instance)
+        except BaseException:
+            self._drop(record, writing)  # refused: the file, never acknowledged, must not stay
+            raise
         ds, fields = received.ds, received.fields
         SOPInstanceUID = fields["sop_instance_uid"]
         # No look-up first: a re-sent UID is rare, and the row's unique SOP Instance UID turns it into
         # a failed insert below, answered from the stored row (one query less per instance).
         try:
-            # The header and the data set as received, never joined (no copy of the pixels); synced
-            # step by step, or flushed with the group after the commit.
-            stored = self.store.write((header, body), sync=self._ingest.flush is None)
+            stored = writing.result()
         except StorageError as e:
             logger.error("association %d: cannot store %s: %s", record.id, SOPInstanceUID, e)
-            return _status(OUT_OF_RESOURCES, "cannot write the instance to storage")
+            return OUT_OF_RESOURCES, "cannot write the instance to storage"
 
         def record_it(session: Session) -> Instance:
-            instance = record_instance(
+            instance = insert_received(
                 session,
                 **fields,
                 origin="received",
@@ -496,7 +606,7 @@ class StorageSCP:
             self._committer.run(record_it, durable=True)
         except FlushError as e:  # committed, not known to be on disk: a re-send is verified (below)
             logger.error("association %d: %s recorded but not flushed to disk: %s", record.id, SOPInstanceUID, e)
-            return _status(OUT_OF_RESOURCES, "cannot flush the instance to disk")
+            return OUT_OF_RESOURCES, "cannot flush the instance to disk"
         except Exception:
             with self.sessions() as session:
                 existing = find_instance(session, SOPInstanceUID)
@@ -504,7 +614,7 @@ class StorageSCP:
                 return self._answer_resend(record, existing, stored)
             self._discard(record, stored.path)  # never acknowledged: the file must not stay
             logger.exception("association %d: cannot record %s", record.id, SOPInstanceUID)
-            return _status(OUT_OF_RESOURCES, "cannot record the instance")
+            return OUT_OF_RESOURCES, "cannot record the instance"
         with self._lock:
             record.n_instances += 1
         logger.info(
@@ -515,9 +625,11 @@ class StorageSCP:
             stored.size_bytes,
             stored.path,
         )
-        return _status(SUCCESS)
+        return SUCCESS, None
 
-    def _answer_resend(self, record: _AssociationRecord, existing: Instance, stored: StoredFile) -> Dataset:
+    def _answer_resend(
+        self, record: _AssociationRecord, existing: Instance, stored: StoredFile
+    ) -> tuple[int, str | None]:
         """A re-sent SOP Instance UID: identical bytes are a success, other bytes are refused.
 
         A UID names one object (PS3.3 C.12.1.1.1): the held original is never replaced
@@ -533,7 +645,7 @@ class StorageSCP:
                 record.id,
                 existing.sop_instance_uid,
             )
-            return _status(DUPLICATE_SOP_INSTANCE, "SOP Instance UID already stored with other content")
+            return DUPLICATE_SOP_INSTANCE, "SOP Instance UID already stored with other content"
         intact = self._holds(existing)
         try:
             if intact:
@@ -546,7 +658,7 @@ class StorageSCP:
                 )
         except Exception as e:
             logger.error("association %d: cannot make re-sent %s durable: %s", record.id, existing.sop_instance_uid, e)
-            return _status(OUT_OF_RESOURCES, "cannot flush the instance to disk")
+            return OUT_OF_RESOURCES, "cannot flush the instance to disk"
         if intact:
             logger.info(
                 "association %d: %s re-sent with identical content, already stored",
@@ -562,7 +674,7 @@ class StorageSCP:
                 stored.path,
             )
             self._discard(record, existing.path)
-        return _status(SUCCESS)
+        return SUCCESS, None
 
     def _holds(self, existing: Instance) -> bool:
         """Whether the file ``existing`` names holds its recorded bytes (read only for re-sends)."""
@@ -571,6 +683,14 @@ class StorageSCP:
         except StorageError:
             return False
         return len(data) == existing.size_bytes and hashlib.sha256(data).hexdigest() == existing.sha256
+
+    def _drop(self, record: _AssociationRecord, writing: Future[StoredFile]) -> None:
+        """Remove what ``writing`` wrote, once it has (nothing if the write failed)."""
+        try:
+            stored = writing.result()
+        except Exception:
+            return
+        self._discard(record, stored.path)
 
     def _discard(self, record: _AssociationRecord, path: str) -> None:
         try:

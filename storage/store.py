@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.errors import DicomInputError, StorageError
+from storage.durability import start_writeback
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ class InstanceStore:
                 _write_all(fd, parts)
                 if sync:
                     os.fsync(fd)
+                else:
+                    start_writeback(fd)
             finally:
                 os.close(fd)
             os.replace(temp, final)

@@ -48,6 +48,7 @@ from dicomnode.rules import Rule
 from dicomnode.scu import echo, send
 from synthesis import voi_window
 from tests.dicom_nodes import CALLING, Node, node_factory, wait_until
+from tests.raw_dicom import association_request, read_pdu
 from tests.test_derived import full_cr_source
 
 STATEMENT = Path(__file__).resolve().parents[1] / "docs" / "conformance-statement.md"
@@ -496,9 +497,26 @@ def raw_request(node: Node, calling: bytes, called: bytes) -> tuple[int, int, in
     return answer[7], answer[8], answer[9]
 
 
-def serving(node: Node) -> list:
-    """The associations the node's SCP still runs (their threads, which the per-peer cap counts)."""
-    return [assoc for assoc in node.scp._ae.active_associations if assoc.is_acceptor]
+def serving(node: Node) -> int:
+    """The associations the node's SCP still runs on either path (which the per-peer cap counts)."""
+    general = [assoc for assoc in node.scp._ae.active_associations if assoc.is_acceptor and assoc.is_alive()]
+    return len(general) + node.scp.direct.count()
+
+
+def request_with(node: Node, replace: tuple[bytes, bytes] | None = None, version: int = 1) -> tuple[int, int, int]:
+    """(result, source, reason) answering pynetdicom's own A-ASSOCIATE-RQ for Verification, with its
+    Protocol Version field set to ``version`` and the bytes ``replace[0]`` replaced by ``replace[1]``."""
+    pdu = bytearray(association_request())
+    pdu[6:8] = struct.pack(">H", version)
+    if replace is not None:
+        old, new = replace
+        assert len(old) == len(new) and old in pdu
+        pdu = bytearray(bytes(pdu).replace(old, new))
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+        sock.sendall(pdu)
+        answer = read_pdu(sock)
+    assert answer[:1] == b"\x03", f"not an A-ASSOCIATE-RJ: {answer!r}"
+    return answer[7], answer[8], answer[9]
 
 
 def associate_until_answered(node: Node, calling: str, called: str, from_host: str, tries: int = 3):  # noqa: ANN201
@@ -545,6 +563,10 @@ def test_association_rejections_are_the_documented_ones(node: Node) -> None:
         "Called AE Title is not `node.ae_title`": lambda: rejection(associate(node, CALLING, "NOT" + ours)),
         "Calling AE Title field holds control": lambda: raw_request(node, b"EVIL\x1b[2J", ours.encode()),
         "Called AE Title field holds control": lambda: raw_request(node, CALLING.encode(), b"SVDRR\\X"),
+        "Application Context Name is not": lambda: request_with(
+            node, (b"1.2.840.10008.3.1.1.1", b"1.2.840.10008.3.1.1.9")
+        ),
+        "Protocol Version without bit 0": lambda: request_with(node, version=2),
         "`node.max_associations_per_peer`": lambda: over_the_cap(
             ["127.0.0.1"] * per_peer, "127.0.0.1", f"more than {per_peer} associations at once from 127.0.0.1"
         ),

@@ -394,7 +394,7 @@ def test_a_peer_over_its_cap_is_rejected_transient_and_others_still_served(
     assert rows[1].calling_ae == CALLING and rows[1].reason == "more than 1 associations at once from 127.0.0.1"
     assert f"association {rows[1].id}: rejected from 127.0.0.1" in caplog.text
     held.release()
-    wait_until(lambda: not any(a.is_alive() for a in node.scp._ae.active_associations))
+    wait_until(lambda: not node.scp.direct.count() and not any(a.is_alive() for a in node.scp._ae.active_associations))
     again = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
     assert again.is_established
     again.release()

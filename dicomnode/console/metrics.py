@@ -2,10 +2,10 @@
 
 Two sources feed one registry:
 
-* :class:`ScpMetrics`: counters the Storage SCP updates in this (the main) process through
-  pynetdicom notification events: associations by result, C-STORE responses by status (hex, as in
-  PS3.7 Annex C), and data-set bytes received in C-STORE requests. They start at zero with the
-  process, as Prometheus counters do.
+* :class:`ScpMetrics`: counters the Storage SCP updates in this (the main) process as an observer
+  of both its paths (:class:`dicomnode.scp.ScpObserver`): associations by result, C-STORE
+  responses by status (hex, as in PS3.7 Annex C), and data-set bytes received in C-STORE
+  requests. They start at zero with the process, as Prometheus counters do.
 * :class:`DatabaseCollector`: read from the database at scrape time, so work done by worker
   processes (or by other edges sharing the database) is counted exactly: jobs by state, job and
   per-view synthesis durations, deliveries by peer and result, free space, model identity.
@@ -20,7 +20,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pynetdicom import evt
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,8 +28,6 @@ from storage.store import InstanceStore
 
 logger = logging.getLogger(__name__)
 
-C_STORE_RQ = 0x0001
-C_STORE_RSP = 0x8001
 JOB_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 VIEW_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
@@ -53,36 +50,16 @@ class ScpMetrics:
         self.cstore.labels(status="0x0000")
 
     def bind(self, scp: Any) -> None:
-        """Attach to a running :class:`dicomnode.scp.StorageSCP` (anything with ``bind(event, handler)``)."""
-        scp.bind(evt.EVT_ACCEPTED, self._on_accepted)
-        scp.bind(evt.EVT_REJECTED, self._on_rejected)
-        scp.bind(evt.EVT_DIMSE_RECV, self._on_dimse_recv)
-        scp.bind(evt.EVT_DIMSE_SENT, self._on_dimse_sent)
+        """Attach to a running :class:`dicomnode.scp.StorageSCP` (anything with an ``observers`` list)."""
+        scp.observers.append(self)
 
-    def _on_accepted(self, event: evt.Event) -> None:
-        self.associations.labels(result="accepted").inc()
+    def association(self, accepted: bool) -> None:
+        self.associations.labels(result="accepted" if accepted else "rejected").inc()
 
-    def _on_rejected(self, event: evt.Event) -> None:
-        self.associations.labels(result="rejected").inc()
-
-    def _on_dimse_recv(self, event: evt.Event) -> None:
-        message = event.message
-        if _command_field(message) == C_STORE_RQ and message.data_set is not None:
-            self.received_bytes.inc(message.data_set.getbuffer().nbytes)
-
-    def _on_dimse_sent(self, event: evt.Event) -> None:
-        message = event.message
-        if _command_field(message) == C_STORE_RSP:
-            status = getattr(message.command_set, "Status", None)
-            if status is not None:
-                self.cstore.labels(status=f"0x{int(status):04X}").inc()
-
-
-def _command_field(message: Any) -> int | None:
-    try:
-        return int(message.command_set.CommandField)
-    except (AttributeError, TypeError, ValueError):
-        return None
+    def c_store(self, status: int, data_set_bytes: int) -> None:
+        self.cstore.labels(status=f"0x{status:04X}").inc()
+        if data_set_bytes:
+            self.received_bytes.inc(data_set_bytes)
 
 
 def _histogram(name: str, doc: str, values: Iterable[float | None], buckets: Sequence[float]) -> HistogramMetricFamily:
