@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import RE_VALID_UID, UID, MPEGTransferSyntaxes
 from pynetdicom import sop_class
@@ -321,6 +322,22 @@ class Received:
     fields: dict[str, Any]
 
 
+def _parse_head(header: bytes, head: bytes | memoryview, transfer_syntax: UID) -> Dataset:
+    """The data set up to its pixel element, with File Meta Information naming the transfer syntax.
+
+    A native data set is read as it is (its File Meta Information is the node's own, not parsed back);
+    a deflated one goes through ``dcmread``, which inflates it.
+    """
+    if transfer_syntax.is_deflated:
+        return dcmread(io.BytesIO(b"".join((header, head))), stop_before_pixels=True)
+    ds = read_dataset(io.BytesIO(head), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta = meta
+    ds.set_original_encoding(transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
+    return ds
+
+
 def check_c_store(
     header: bytes,
     body: bytes | memoryview,
@@ -338,7 +355,7 @@ def check_c_store(
     pixels = walked.pixels
     head = body if walked.pixels_at is None or transfer_syntax.is_deflated else body[: walked.pixels_at]
     try:
-        ds = dcmread(io.BytesIO(b"".join((header, head))), stop_before_pixels=True)
+        ds = _parse_head(header, head, transfer_syntax)
     except Exception as e:  # whatever pydicom raises on bytes it cannot read
         raise Refusal(CANNOT_UNDERSTAND, f"cannot parse data set: {type(e).__name__}") from e
     _convert_all(ds)
