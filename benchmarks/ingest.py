@@ -132,11 +132,22 @@ class Server:
             total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
         return total
 
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+    def rss_mib(self, pid: int | None = None) -> float:
+        try:
+            lines = Path(f"/proc/{pid or self.pid}/status").read_text().splitlines()
+        except OSError:
+            return float("nan")
+        for line in lines:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def rss_line(self) -> str:
+        """RSS of the server process, then of each process under it that serves associations."""
+        names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _tree(self.pid)}
+        receivers = [pid for pid, cmd in names.items() if pid != self.pid and b"multiprocessing" in cmd]
+        parts = [f"{self.rss_mib():.1f}"] + [f"{self.rss_mib(pid):.1f}" for pid in sorted(receivers)]
+        return " + ".join(parts) + " MiB"
 
 
 def start_node(folder: Path, receive_processes: int) -> tuple[NodeProcess, Server]:
@@ -240,7 +251,8 @@ def rss_run(node: Server, total: int, work: Path) -> None:
     data = template(64)
     batch = max(total // 10, 1)
     print(f"\nnode RSS over {total} received instances (64² DX, 1 association per batch of {batch}):")
-    print(f"  before: {node.rss_mib():.1f} MiB")
+    print("  serving process + each process under it (receiving processes, synthesis worker):")
+    print(f"  before: {node.rss_line()}")
     sent, nonce = 0, int(time.time()) % 10**9 * 1000
     while sent < total:
         n = min(batch, total - sent)
@@ -249,7 +261,7 @@ def rss_run(node: Server, total: int, work: Path) -> None:
         send(node, dirs)
         shutil.rmtree(work / f"rss-{sent}")
         sent += n
-        print(f"  after {sent:>6}: {node.rss_mib():.1f} MiB")
+        print(f"  after {sent:>6}: {node.rss_line()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="20 and 4 images, 2 rounds: shows that it works")
     parser.add_argument("--rss", type=int, default=0, help="also send this many small instances and print RSS")
     parser.add_argument(
-        "--receive-processes", type=int, default=2, help="node.receive_processes (the shipped file's 2)"
+        "--receive-processes", type=int, default=4, help="node.receive_processes (the shipped file's 4)"
     )
     parser.add_argument("--work", type=Path, help="folder for servers and files (default: a temporary one)")
     args = parser.parse_args(argv)

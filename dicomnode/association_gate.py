@@ -106,6 +106,10 @@ class _ContextList(list):  # type: ignore[type-arg]
 class GatedAssociationServer(ThreadedAssociationServer):
     """A pynetdicom association server that admits a connection only once it has requested."""
 
+    # A direct-path association runs on its request thread: closing the server must not wait for it
+    # (the SCP gives running associations their time, then aborts them, itself).
+    block_on_close = False
+
     def __init__(
         self,
         *args: Any,

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 C.4.5
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 PDU_SLACK = 64 * 1024  # how far a PDU may exceed the announced maximum (others' rounding) before abort
 
 
@@ -116,12 +117,14 @@ class DirectAssociation:
         results = []
         for context in request.contexts:
             supported = self.acceptor.supported.get(context.abstract_syntax)
+            # A rejected context still carries one transfer syntax sub-item, not significant (PS3.8 9.3.3.2)
+            proposed = context.transfer_syntaxes[0] if context.transfer_syntaxes else IMPLICIT_VR_LITTLE_ENDIAN
             if supported is None:
-                results.append((context.id, pdu.ABSTRACT_SYNTAX_NOT_SUPPORTED, ""))
+                results.append((context.id, pdu.ABSTRACT_SYNTAX_NOT_SUPPORTED, proposed))
                 continue
             chosen = next((ts for ts in context.transfer_syntaxes if ts in supported), None)
             if chosen is None:
-                results.append((context.id, pdu.TRANSFER_SYNTAXES_NOT_SUPPORTED, ""))
+                results.append((context.id, pdu.TRANSFER_SYNTAXES_NOT_SUPPORTED, proposed))
                 continue
             results.append((context.id, pdu.ACCEPTANCE, chosen))
             self.contexts[context.id] = (context.abstract_syntax, chosen)
@@ -168,7 +171,11 @@ class DirectAssociation:
             if kind == pdu.A_ABORT:
                 return "aborted"
             if kind != pdu.P_DATA_TF:
-                raise pdu.PduError(f"unexpected PDU type 0x{kind:02X}", pdu.UNEXPECTED_PDU)
+                known = pdu.A_ASSOCIATE_RQ <= kind <= pdu.A_ABORT
+                raise pdu.PduError(
+                    f"{'unexpected' if known else 'unrecognized'} PDU type 0x{kind:02X}",
+                    pdu.UNEXPECTED_PDU if known else pdu.UNRECOGNIZED_PDU,
+                )
             view = memoryview(body)
             i, n = 0, len(body)
             while i < n:
@@ -308,8 +315,9 @@ class DirectAcceptor:
     ) -> Callable[[], None]:
         """Count a new association as running (the gate calls this under its admission lock); the
         returned call serves it: on the calling thread, or in a receiving process."""
-        if self.pool is not None:
-            receiver, token = self.pool.admit(peer[0])
+        admitted = self.pool.admit(peer[0]) if self.pool is not None else None
+        if admitted is not None and self.pool is not None:  # else none is alive: served here meanwhile
+            receiver, token = admitted
             pool = self.pool
             return lambda: pool.dispatch(receiver, token, sock, length, peer)
         association = self._register(sock, request, peer)

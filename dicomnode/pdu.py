@@ -21,7 +21,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # the DICOM Application Context N
 ACCEPTANCE, ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 3, 4
 
 # A-ABORT reasons when the service-provider (source 2) aborts (PS3.8 Table 9-26)
-UNEXPECTED_PDU, UNRECOGNIZED_PDU_PARAMETER, INVALID_PDU_PARAMETER = 2, 4, 6
+UNRECOGNIZED_PDU, UNEXPECTED_PDU, UNRECOGNIZED_PDU_PARAMETER, INVALID_PDU_PARAMETER = 1, 2, 4, 6
 
 # User Information sub-items (PS3.7 D.3.3) the direct path understands; any other sends the request
 # to the general path (role selection, extended negotiation, user identity).

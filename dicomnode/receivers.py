@@ -102,10 +102,14 @@ class ReceiverPool:
                 1 for r in self._receivers for peer in r.running.values() if host is None or peer == host
             )
 
-    def admit(self, host: str) -> tuple[_Receiver, int]:
-        """Count a new association against the least busy receiver (call under the gate's lock)."""
+    def admit(self, host: str) -> tuple[_Receiver, int] | None:
+        """Count a new association against the least busy live receiver (call under the gate's lock);
+        None while none is alive (one that died is being replaced)."""
         with self._lock:
-            receiver = min(self._receivers, key=lambda r: len(r.running))
+            alive = [r for r in self._receivers if not r.stopped.is_set()]
+            if not alive:
+                return None
+            receiver = min(alive, key=lambda r: len(r.running))
             self._tokens += 1
             receiver.running[self._tokens] = host
             return receiver, self._tokens
@@ -155,6 +159,7 @@ class ReceiverPool:
             elif op == "stopped":
                 receiver.stopped.set()
         receiver.stopped.set()
+        receiver.channel.close()
         with self._lock:
             lost = len(receiver.running)
             receiver.running.clear()
@@ -188,7 +193,8 @@ class ReceiverPool:
                 logger.warning("receiving process %d did not stop; killing it", receiver.index)
                 receiver.process.kill()
                 receiver.process.join(5)
-            receiver.channel.close()
+            if receiver.reader is not None:
+                receiver.reader.join(5)  # it closes the channel
 
 
 # ---- The receiving process ------------------------------------------------------------------------------
