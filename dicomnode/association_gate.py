@@ -14,7 +14,11 @@ the raw title in a traceback, a line a peer could forge.
 The gate also caps concurrent associations per peer address: a peer over its cap gets an
 A-ASSOCIATE-RJ "rejected-transient, service-provider (presentation), local-limit-exceeded" (PS3.8
 Table 9-21, the answer pynetdicom gives when ``maximum_associations`` is reached), so one busy or
-hostile host cannot take every slot.
+hostile host cannot take every slot. The same caps count associations on both of the SCP's paths: a
+plain storage request that the direct path takes (:meth:`DirectAcceptor.takes
+<dicomnode.direct_association.DirectAcceptor.takes>`) is served on the gate's own thread or handed to
+a receiving process, and the total (``maximum_associations``) is checked here for both, answered
+with the same A-ASSOCIATE-RJ.
 """
 
 from __future__ import annotations

@@ -248,6 +248,7 @@ class DirectAssociation:
         how = "aborted"
         try:
             self.sock.settimeout(self.scp.settings.node.network_timeout_s)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each response leaves at once
             accepted = self.negotiate()
             if accepted:
                 how = self.serve()
