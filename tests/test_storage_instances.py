@@ -11,7 +11,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.errors import DicomInputError, StorageError
 from storage.associations import end_association, record_association
-from storage.instances import classify_resend, fields_from_dataset, find_instance, list_instances, record_instance
+from storage.instances import (
+    classify_resend,
+    fields_from_dataset,
+    find_instance,
+    insert_received,
+    list_instances,
+    record_instance,
+)
+from storage.models import Instance
 from storage.store import InstanceStore
 from tests import storage_dbs
 from tests.storage_dbs import add_instance, at, dicom_testfile
@@ -105,3 +113,27 @@ def test_list_instances_filters_by_study_and_origin(db_sessions: sessionmaker[Se
         assert [i.id for i in list_instances(session)] == [3, 2, 1]
         assert [i.id for i in list_instances(session, origin="derived")] == [2]
         assert [i.id for i in list_instances(session, study_instance_uid="1.2.826.0.1.3680043.8.498.9999")] == [3]
+
+
+def test_insert_received_writes_the_row_record_instance_writes(db_sessions: sessionmaker[Session]) -> None:
+    """The SCP's one-statement insert: the same columns and defaults as the ORM row, same errors."""
+    ds = pydicom.dcmread(dicom_testfile("RG3_J2KI.dcm"), stop_before_pixels=True)
+    common = {"sha256": "0" * 64, "size_bytes": 10, "origin": "received", "calling_ae": "MODALITY",
+              "called_ae": "SVDRR", "peer_host": "127.0.0.1"}  # fmt: skip
+    fields = fields_from_dataset(ds)
+    with db_sessions.begin() as session:
+        fast = insert_received(session, **fields, **common, path="a/fast.dcm")
+        assert fast.id is not None and fast.sop_instance_uid == ds.SOPInstanceUID
+    with db_sessions.begin() as session:
+        orm = record_instance(session, **{**fields, "sop_instance_uid": "1.2.3.4.5.99"}, **common, path="a/orm.dcm")
+        orm_id = orm.id
+    with db_sessions() as session:
+        one, other = session.get(Instance, fast.id), session.get(Instance, orm_id)
+        assert one is not None and other is not None
+        skip = {"id", "sop_instance_uid", "path", "received_at"}
+        columns = [c.key for c in Instance.__table__.columns if c.key not in skip]
+        assert {c: getattr(one, c) for c in columns} == {c: getattr(other, c) for c in columns}
+        assert one.received_at is not None and abs((other.received_at - one.received_at).total_seconds()) < 60
+        assert one.synthetic is False and one.origin == "received"
+    with pytest.raises(StorageError, match="cannot record instance"), db_sessions.begin() as session:
+        insert_received(session, **fields, **common, path="a/again.dcm")  # the same SOP Instance UID
