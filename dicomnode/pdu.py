@@ -202,7 +202,7 @@ AFFECTED_SOP_CLASS, AFFECTED_SOP_INSTANCE = 0x0002, 0x1000
 NO_DATA_SET = 0x0101
 
 
-def parse_command(raw: bytes | memoryview) -> dict[int, bytes]:
+def parse_command(raw: bytes | bytearray | memoryview) -> dict[int, bytes]:
     """The command set's elements by element number (group 0000 only), raw values."""
     view = memoryview(raw)
     out: dict[int, bytes] = {}

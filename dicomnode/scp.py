@@ -530,6 +530,7 @@ class StorageSCP:
         """
         with self._lock:
             record = self._records.get(assoc)
+        comment: str | None
         if record is None:
             status, comment = OUT_OF_RESOURCES, "association not recorded"
         else:

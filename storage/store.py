@@ -65,7 +65,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, parts: tuple[bytes, ...]) -> None:
+def _write_all(fd: int, parts: tuple[bytes | memoryview, ...]) -> None:
     """Write ``parts`` in order, resuming after short writes."""
     views = [memoryview(part) for part in parts if part]
     while views:
@@ -77,7 +77,7 @@ def _write_all(fd: int, parts: tuple[bytes, ...]) -> None:
             views[0] = views[0][written:]
 
 
-def _check_part10(data: bytes) -> None:
+def _check_part10(data: bytes | memoryview) -> None:
     """A Part 10 file: 128-byte preamble, then "DICM" (PS3.10 7.1); the store holds nothing else."""
     if data[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4] != b"DICM":
         raise DicomInputError(f"not a DICOM Part 10 file ({len(data)} bytes, no 'DICM' prefix after the preamble)")
@@ -108,7 +108,7 @@ class InstanceStore:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def write(self, data: bytes | tuple[bytes, ...] | Dataset, sync: bool = True) -> StoredFile:
+    def write(self, data: bytes | tuple[bytes | memoryview, ...] | Dataset, sync: bool = True) -> StoredFile:
         """Store one Part 10 file (encoded bytes, or a dataset with file meta) durably.
 
         ``data`` may come in parts (a tuple: preamble and File Meta Information, then the data set), written
