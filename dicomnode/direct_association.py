@@ -15,10 +15,11 @@ title checks and their A-ASSOCIATE-RJ (PS3.8 Table 9-21, the same result, source
 pynetdicom's), the association rows and log lines, and every C-STORE check and status.
 
 A PDU that breaks PS3.8 (unknown type, a PDV for a context that was not accepted, a command set that
-does not decode, a PDU longer than the maximum the node announced) ends the association with an
-A-ABORT; nothing a peer sends raises past the association. ``node.network_timeout_s`` bounds the
-wait for each PDU (an idle association is aborted then), ``node.acse_timeout_s`` the wait for the
-A-RELEASE-RP's delivery.
+does not decode or exceeds 64 KiB, a PDU longer than the maximum the node announced) ends the
+association with an A-ABORT; nothing a peer sends raises past the association.
+``node.acse_timeout_s`` bounds the wait for the A-ASSOCIATE-RQ's bytes, ``node.network_timeout_s``
+the wait for a PDU between messages (an idle association is then closed), ``node.dimse_timeout_s``
+the wait for the next PDU of a message under way.
 """
 
 from __future__ import annotations
@@ -44,10 +45,15 @@ C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 UNRECOGNIZED_OPERATION = 0x0211  # PS3.7 C.4.5
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 PDU_SLACK = 64 * 1024  # how far a PDU may exceed the announced maximum (others' rounding) before abort
+COMMAND_MAX = 64 * 1024  # a command set is a few hundred bytes (PS3.7 E.1); more is not one
 
 
 class _Closed(Exception):
     """The peer closed the connection, or it timed out."""
+
+
+class _TimedOut(_Closed):
+    """No PDU within the timeout: the node aborts the association."""
 
 
 class DirectAssociation:
@@ -75,7 +81,9 @@ class DirectAssociation:
         while got < n:
             try:
                 count = self.sock.recv_into(view[got:], n - got)
-            except (TimeoutError, OSError) as e:
+            except TimeoutError as e:
+                raise _TimedOut(f"nothing received for {self.sock.gettimeout()} s") from e
+            except OSError as e:
                 raise _Closed(str(e) or type(e).__name__) from e
             if not count:
                 raise _Closed("connection closed by the peer")
@@ -157,9 +165,17 @@ class DirectAssociation:
         fragments: list[memoryview] = []
         pending: dict[int, bytes] | None = None  # a command whose data set is arriving
         pending_context = 0
+        node = self.scp.settings.node
         while True:
+            # Idle between messages: the network timeout; inside one: the DIMSE timeout.
+            within = pending is not None or bool(command)
+            self.sock.settimeout(node.dimse_timeout_s if within else node.network_timeout_s)
             try:
                 kind, body = self._read_pdu()
+            except _TimedOut as e:
+                logger.warning("association %s: %s, aborting", self.scp.tag(self), e)
+                self._abort(0)
+                return "aborted"
             except _Closed:
                 return "aborted" if self.aborting else "connection closed"
             if kind == pdu.A_RELEASE_RQ:
@@ -193,6 +209,8 @@ class DirectAssociation:
                     if pending is not None or command is None:
                         raise pdu.PduError("command fragment while a data set was expected", pdu.UNEXPECTED_PDU)
                     command += fragment
+                    if len(command) > COMMAND_MAX:
+                        raise pdu.PduError(f"command set longer than {COMMAND_MAX} bytes")
                     if flags & 0x02:
                         parsed = pdu.parse_command(command)
                         command = bytearray()

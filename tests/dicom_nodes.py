@@ -39,6 +39,11 @@ def pydicom_file(name: str) -> Path:
 def write_settings(folder: Path, port: int, security: str = "", node: str = "") -> Settings:
     """Settings from a real TOML file, with a migrated SQLite database in ``folder``."""
     config = folder / "dicomnode.toml"
+    defaults = "".join(  # the test defaults, unless ``node`` sets them itself
+        f"{key} = {value}\n"
+        for key, value in (("acse_timeout_s", 5), ("dimse_timeout_s", 10), ("network_timeout_s", 10))
+        if f"{key} =" not in node
+    )
     config.write_text(
         f"""
 [node]
@@ -47,10 +52,7 @@ bind_address = "127.0.0.1"
 port = {port}
 storage_dir = "{folder / "var"}"
 min_free_mb = 0
-acse_timeout_s = 5
-dimse_timeout_s = 10
-network_timeout_s = 10
-{node}
+{defaults}{node}
 
 [security]
 allowed_calling_ae_titles = ["{CALLING}", "STORESCU", "ECHOSCU"]

@@ -340,6 +340,8 @@ PROTOCOL_ERRORS = {
     ),
     "a data set fragment without its command": (p_data_tf((1, 0x02, b"\x08\x00\x16\x00")), 2),  # unexpected-PDU
     "a PDV longer than its PDU": (b"\x04\x00" + struct.pack(">L", 10) + struct.pack(">LBB", 100, 1, 3) + bytes(4), 6),
+    # 65 command fragments of 1 KiB, none the last: no command set is that long
+    "a command set over 64 KiB": (b"".join(p_data_tf((1, 0x01, bytes(1024))) for _ in range(65)), 6),
 }
 
 
@@ -359,6 +361,20 @@ def test_a_protocol_error_is_answered_with_a_provider_abort_and_the_node_serves_
     result = echoscu(node)
     assert result.returncode == 0, result.stderr
     assert len(node.associations()) == 2
+
+
+def test_a_message_left_unfinished_is_aborted_after_the_dimse_timeout(start_node: Callable[..., Node]) -> None:
+    node = start_node(node="dimse_timeout_s = 0.5")  # network_timeout_s stays 10: the wait for a new message
+    with accepted(node) as sock:
+        sock.sendall(p_data_tf((1, 0x01, echo_rq(1)[:20])))  # the start of a command, never its end
+        started = time.monotonic()
+        answer = read_pdu(sock, timeout_s=5)
+        waited = time.monotonic() - started
+        assert closed_by_peer(sock, timeout_s=3)
+    assert answer[0] == A_ABORT and answer[8] == 2, answer.hex()
+    assert 0.4 <= waited < 3, waited
+    wait_until(lambda: node.scp.direct.count() == 0)
+    assert node.instances() == []
 
 
 def test_an_unrecognized_pdu_type_is_aborted_with_reason_unrecognized_pdu(node: Node) -> None:
