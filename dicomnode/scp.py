@@ -325,12 +325,6 @@ class StorageSCP:
         """Whether the server is accepting associations (started and not stopped)."""
         return self._server is not None
 
-    def bind(self, event: Any, handler: Any) -> None:
-        """Add a notification handler (pynetdicom ``evt.EVT_*``) to the running server, e.g. metrics."""
-        if self._server is None:
-            raise RuntimeError("the SCP is not running")
-        self._server.bind(event, handler)
-
     def __enter__(self) -> StorageSCP:
         self.start()
         return self
