@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from dicomnode import pdu
 from dicomnode.log_escape import printable
+from dicomnode.pdu_socket import recv_bytes
 
 if TYPE_CHECKING:
     from dicomnode.receivers import ReceiverPool
@@ -56,6 +57,19 @@ class _TimedOut(_Closed):
     """No PDU within the timeout: the node aborts the association."""
 
 
+def _read_exact(sock: socket.socket, n: int) -> bytearray:
+    """Exactly ``n`` bytes from ``sock``, else :class:`_Closed` (:class:`_TimedOut` at its timeout)."""
+    try:
+        data = recv_bytes(sock, n)
+    except TimeoutError as e:
+        raise _TimedOut(f"nothing received for {sock.gettimeout()} s") from e
+    except OSError as e:
+        raise _Closed(str(e) or type(e).__name__) from e
+    if len(data) < n:
+        raise _Closed("connection closed by the peer")
+    return data
+
+
 class DirectAssociation:
     """One accepted plain association: negotiation done, serving messages until release or abort."""
 
@@ -75,20 +89,7 @@ class DirectAssociation:
     # ---- socket I/O ----
 
     def _recv_exact(self, n: int) -> bytearray:
-        buffer = bytearray(n)
-        view = memoryview(buffer)
-        got = 0
-        while got < n:
-            try:
-                count = self.sock.recv_into(view[got:], n - got)
-            except TimeoutError as e:
-                raise _TimedOut(f"nothing received for {self.sock.gettimeout()} s") from e
-            except OSError as e:
-                raise _Closed(str(e) or type(e).__name__) from e
-            if not count:
-                raise _Closed("connection closed by the peer")
-            got += count
-        return buffer
+        return _read_exact(self.sock, n)
 
     def _send(self, data: bytes) -> None:
         try:
@@ -365,14 +366,8 @@ class DirectAcceptor:
         """Serve a connection handed over by the serving process (its request still unread)."""
         try:
             sock.settimeout(self.scp.settings.node.acse_timeout_s)
-            raw = bytearray()
-            while len(raw) < length:
-                piece = sock.recv(length - len(raw))
-                if not piece:
-                    raise OSError("connection closed before its association request was read")
-                raw += piece
-            request = pdu.parse_associate_rq(memoryview(raw)[6:])
-        except (OSError, pdu.PduError) as e:
+            request = pdu.parse_associate_rq(memoryview(_read_exact(sock, length))[6:])
+        except (_Closed, pdu.PduError) as e:
             logger.warning("connection from %s:%d: cannot read its association request: %s", *peer, e)
             sock.close()
             return

@@ -16,23 +16,30 @@ from pynetdicom import evt
 from pynetdicom.transport import AssociationSocket
 
 
+def recv_bytes(sock: socket.socket, nr_bytes: int) -> bytearray:
+    """``nr_bytes`` read into one buffer with ``recv_into``; fewer when the peer closed first.
+
+    Socket errors and timeouts propagate unchanged. Both of the SCP's paths read PDUs with it.
+    """
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    received = 0
+    while received < nr_bytes:
+        count = sock.recv_into(view[received:], nr_bytes - received)
+        if not count:  # connection closed: what has arrived
+            break
+        received += count
+    view.release()
+    if received < nr_bytes:
+        del buffer[received:]
+    return buffer
+
+
 class BulkReadSocket(AssociationSocket):
     """An ``AssociationSocket`` whose ``recv`` fills one buffer of the requested size."""
 
     def recv(self, nr_bytes: int) -> bytearray:
-        sock = cast(socket.socket, self.socket)
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            count = sock.recv_into(view[received:], nr_bytes - received)
-            if not count:  # connection closed: what has arrived, like pynetdicom's recv
-                view.release()
-                del buffer[received:]
-                return buffer
-            received += count
-        view.release()
-        return buffer
+        return recv_bytes(cast(socket.socket, self.socket), nr_bytes)  # short at EOF, like pynetdicom's
 
 
 def read_pdus_in_bulk(event: evt.Event) -> None:

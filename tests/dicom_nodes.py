@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.data import get_testdata_file
+from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -132,3 +133,9 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 5) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.02)
+
+
+def body_of(path: Path) -> bytes:
+    """The data set of a Part 10 file, without preamble and File Meta Information."""
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]

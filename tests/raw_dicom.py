@@ -66,13 +66,19 @@ def raw_store(
         assoc.release()
 
 
-def association_request(calling_ae: bytes = CALLING.encode(), called_ae: bytes = AE_TITLE.encode()) -> bytes:
-    """An A-ASSOCIATE-RQ PDU proposing Verification, with the AE title fields given byte for byte."""
+def association_request(
+    calling_ae: bytes = CALLING.encode(),
+    called_ae: bytes = AE_TITLE.encode(),
+    abstract_syntax: str = "1.2.840.10008.1.1",
+    transfer_syntax: str | None = None,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing one context (Verification, pynetdicom's default transfer
+    syntaxes, unless told), with the AE title fields given byte for byte."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = "PLACEHOLDER"
     primitive.called_ae_title = "PLACEHOLDER"
-    context = build_context("1.2.840.10008.1.1")
+    context = build_context(abstract_syntax, transfer_syntax)
     context.context_id = 1
     primitive.presentation_context_definition_list = [context]
     maximum = MaximumLengthNotification()

@@ -24,18 +24,13 @@ from pathlib import Path
 import pydicom
 import pytest
 from prometheus_client import CollectorRegistry
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.dsutils import decode, encode, split_dataset
-from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
-from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -45,8 +40,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomnode.console.metrics import ScpMetrics
 from tests.conftest import dcmtk
-from tests.dicom_nodes import AE_TITLE, CALLING, Node, dcmtk_run, node_factory, pydicom_file, wait_until
+from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, dcmtk_run, node_factory, pydicom_file, wait_until
 from tests.raw_dicom import association_request, closed_by_peer, read_pdu
+from tests.test_scp_intake import small_dx
 
 DX = DigitalXRayImageStorageForPresentation
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RP, A_ABORT = 0x02, 0x03, 0x04, 0x06, 0x07
@@ -66,30 +62,11 @@ def node(start_node: Callable[..., Node]) -> Node:
     return start_node()
 
 
-def body_of(path: Path) -> bytes:
-    """The data set of a Part 10 file, without preamble and File Meta Information."""
-    _, offset = split_dataset(path)
-    return path.read_bytes()[offset:]
-
-
 def dx_file(path: Path, size: int = 64) -> Path:
     """A DX For Presentation file, 16-bit ``size`` x ``size`` random pixels, Explicit VR Little Endian."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
+    ds = small_dx(size, size)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = DX
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "DX"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = os.urandom(size * size * 2)
-    ds["PixelData"].VR = "OW"
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -164,21 +141,7 @@ def read_command(sock: socket.socket) -> tuple[int, Dataset]:
 
 def storage_request(abstract: str) -> bytes:
     """An A-ASSOCIATE-RQ PDU (pynetdicom's encoding) proposing ``abstract`` in Explicit VR Little Endian, id 1."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = CALLING
-    primitive.called_ae_title = AE_TITLE
-    context = build_context(abstract, ExplicitVRLittleEndian)
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    maximum = MaximumLengthNotification()
-    maximum.maximum_length_received = 16384
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.1"
-    primitive.user_information = [maximum, implementation]
-    request = A_ASSOCIATE_RQ()
-    request.from_primitive(primitive)
-    return bytes(request.encode())
+    return association_request(abstract_syntax=abstract, transfer_syntax=ExplicitVRLittleEndian)
 
 
 def answer_to(node: Node, request: bytes) -> bytes:

@@ -20,7 +20,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE
-from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -36,7 +36,7 @@ from dicomnode.errors import DicomInputError
 from dicomnode.scp import DUPLICATE_SOP_INSTANCE
 from dicomnode.scu import send
 from storage.models import Instance
-from tests.dicom_nodes import AE_TITLE, CALLING, Node, dcmtk_run, node_factory, pydicom_file, wait_until
+from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, dcmtk_run, node_factory, pydicom_file, wait_until
 from tests.raw_dicom import raw_store
 
 # Real files shipped by pydicom-data, with the storescu option that proposes their own transfer syntax:
@@ -94,12 +94,6 @@ def raw_association(node: Node, sop_class: str) -> Iterator[Callable[[str, bytes
             return status
 
         yield as_status
-
-
-def body_of(path: Path) -> bytes:
-    """The data set of a Part 10 file, without preamble and File Meta Information."""
-    _, offset = split_dataset(path)
-    return path.read_bytes()[offset:]
 
 
 def same_content(stored: Dataset, original: Dataset) -> bool:

@@ -42,7 +42,7 @@ from dicomnode.dataset_checks import (
 from dicomnode.errors import ConfigError
 from dicomnode.log_escape import SingleLineMessages, printable
 from tests.conftest import dcmtk
-from tests.dicom_nodes import AE_TITLE, CALLING, Node, node_factory, pydicom_file, wait_until
+from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, node_factory, pydicom_file, wait_until
 from tests.raw_dicom import association_request, closed_by_peer, raw_store, read_pdu
 
 DX = DigitalXRayImageStorageForPresentation
@@ -84,13 +84,6 @@ def body(ds: Dataset) -> bytes:
     data = encode(ds, False, True)
     assert data is not None
     return data
-
-
-def body_of(path: Path) -> bytes:
-    from pynetdicom.dsutils import split_dataset
-
-    _, offset = split_dataset(path)
-    return path.read_bytes()[offset:]
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
