@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.errors import DicomInputError, StorageError
+from storage import direct_io
 from storage.durability import start_writeback
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class InstanceStore:
             raise ValueError(f"min_free_bytes {min_free_bytes} is negative")
         self.root = Path(root).expanduser().absolute()
         self.min_free_bytes = min_free_bytes
+        self.direct = direct_io.supported()  # cleared when the filesystem refuses O_DIRECT
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -137,14 +139,26 @@ class InstanceStore:
         final = self.root.joinpath(*relative.parts)
         temp = final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}")
         renamed = False
+        digest = hashlib.sha256()
         try:
             self._make_folders(final.parent)  # synced always: once a day, and other writers rely on it
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = direct_io.open_direct(temp) if self.direct else None
+            direct = fd is not None
+            if fd is None:
+                if self.direct:
+                    self.direct = False
+                    logger.info("%s refuses O_DIRECT: files are written through the page cache", self.root)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                _write_all(fd, parts)
+                if direct:
+                    direct_io.write_parts(fd, parts, digest)
+                else:
+                    _write_all(fd, parts)
+                    for part in parts:
+                        digest.update(part)
                 if sync:
                     os.fsync(fd)
-                else:
+                elif not direct:
                     start_writeback(fd)
             finally:
                 os.close(fd)
@@ -159,9 +173,6 @@ class InstanceStore:
             except OSError:
                 logger.exception("could not remove %s after a failed write", leftover)
             raise StorageError(f"writing {size} bytes under {self.root} failed: {e}") from e
-        digest = hashlib.sha256()
-        for part in parts:
-            digest.update(part)
         stored = StoredFile(str(relative), digest.hexdigest(), size)
         logger.debug("stored %d bytes at %s", stored.size_bytes, stored.path)
         return stored
