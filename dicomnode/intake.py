@@ -14,12 +14,11 @@ import logging
 from collections.abc import Collection
 from datetime import timedelta
 
-from pydicom import Dataset
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicomnode.config import Settings
-from dicomnode.rules import Rule, facts_from_dataset, loop_reason, matching_rules
+from dicomnode.rules import InstanceFacts, Rule, loop_reason, matching_rules
 from storage.jobs import enqueue_job
 from storage.models import Instance, Job, utcnow
 
@@ -39,14 +38,14 @@ def request_key(sop_instance_uid: str, rule: Rule) -> str:
 
 
 class Intake:
-    """The SCP's intake callback: ``intake(session, instance, ds)``."""
+    """The SCP's intake callback: ``intake(session, instance, facts)``, the facts read from the
+    instance's data set (:func:`dicomnode.rules.facts_from_dataset`)."""
 
     def __init__(self, settings: Settings, own_device_uids: Collection[str] = ()):
         self.settings = settings
         self.own_device_uids = own_device_uids
 
-    def __call__(self, session: Session, instance: Instance, ds: Dataset) -> list[Job]:
-        facts = facts_from_dataset(ds)
+    def __call__(self, session: Session, instance: Instance, facts: InstanceFacts) -> list[Job]:
         reason = loop_reason(facts, self.settings, self.own_device_uids, self.settings.output.manufacturer)
         if reason:
             logger.info("instance %d stored, not processed: %s", instance.id, reason)

@@ -20,9 +20,9 @@ import logging
 import math
 import re
 import struct
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
@@ -232,7 +232,7 @@ def matching_rules(rules: Iterable[Rule], facts: InstanceFacts) -> list[Rule]:
     return [rule for rule in rules if rule.enabled and rule.matches(facts)]
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(ds: Dataset | Mapping[str, Any], keyword: str) -> str:
     """The first value of ``keyword`` as stripped text, ``""`` when missing or unreadable."""
     try:
         value = ds.get(keyword)
@@ -248,7 +248,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
+def _values(ds: Dataset | Mapping[str, Any], keyword: str) -> tuple[str, ...]:
     try:
         value = ds.get(keyword)
     except _UNREADABLE as e:
@@ -260,7 +260,7 @@ def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
     return tuple(str(item).strip().upper() for item in items if item is not None)
 
 
-def _items(ds: Dataset, keyword: str) -> list[Dataset]:
+def _items(ds: Dataset | Mapping[str, Any], keyword: str) -> list[Dataset]:
     try:
         seq = ds.get(keyword)
     except _UNREADABLE as e:
@@ -281,9 +281,10 @@ def _is_synthesizing(item: Dataset) -> bool:
     )
 
 
-def facts_from_dataset(ds: Dataset) -> InstanceFacts:
+def facts_from_dataset(ds: Dataset | Mapping[str, Any]) -> InstanceFacts:
     """Read the deciding attributes of ``ds``; missing, empty or malformed values never raise.
 
+    ``ds`` may also be the attribute values by keyword (:func:`dicomnode.dataset_head.read_head`).
     SOP Class UID falls back to the File Meta Information's Media Storage SOP Class UID (PS3.10
     7.1) when the data set itself lacks it.
     """

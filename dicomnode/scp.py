@@ -99,6 +99,7 @@ from dicomnode.group_commit import GroupCommitter
 from dicomnode.log_escape import printable
 from dicomnode.part10 import file_header
 from dicomnode.pdu_socket import read_pdus_in_bulk
+from dicomnode.rules import InstanceFacts
 from dicomnode.scp_tls import server_tls_context
 from dicomnode.scu import set_tcp_nodelay
 from storage.associations import end_association, record_association
@@ -133,10 +134,10 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
 SUCCESS = 0x0000
 DUPLICATE_SOP_INSTANCE = 0x0111
 
-Intake = Callable[[Session, Instance, Dataset], object]
+Intake = Callable[[Session, Instance, InstanceFacts], object]
 """Called inside the transaction that records a newly received instance; raising undoes the store.
 
-The dataset holds everything but Pixel Data (it is parsed with ``stop_before_pixels``).
+The facts are the rules' view of the instance's data set (:func:`dicomnode.rules.facts_from_dataset`).
 """
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -565,11 +566,11 @@ class StorageSCP:
         # while this one checks the data set: both release the interpreter lock for most of it.
         writing = self._writer.submit(self.store.write, (header, body), sync=self._ingest.flush is None)
         try:
-            received = check_c_store(header, body, UID(transfer_syntax), abstract_syntax, sop_class, sop_instance)
+            received = check_c_store(body, UID(transfer_syntax), abstract_syntax, sop_class, sop_instance)
         except BaseException:
             self._drop(record, writing)  # refused: the file, never acknowledged, must not stay
             raise
-        ds, fields = received.ds, received.fields
+        fields = received.fields
         SOPInstanceUID = fields["sop_instance_uid"]
         # No look-up first: a re-sent UID is rare, and the row's unique SOP Instance UID turns it into
         # a failed insert below, answered from the stored row (one query less per instance).
@@ -593,7 +594,7 @@ class StorageSCP:
                 peer_host=record.peer_host,
             )
             if self.intake is not None:
-                self.intake(session, instance, ds)
+                self.intake(session, instance, received.facts)
             return instance
 
         try:

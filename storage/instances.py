@@ -7,6 +7,7 @@ unit of work (for a C-STORE: file written, row recorded, commit, then the succes
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydicom.dataset import Dataset
@@ -33,6 +34,9 @@ _COPIED: dict[str, str] = {
     "ViewPosition": "view_position",
 }
 _REQUIRED = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+_LENGTHS: dict[str, int | None] = {
+    column.name: column.type.length if isinstance(column.type, String) else None for column in Instance.__table__.c
+}
 
 
 def fields_from_dataset(ds: Dataset) -> dict[str, Any]:
@@ -43,27 +47,32 @@ def fields_from_dataset(ds: Dataset) -> dict[str, Any]:
     A value longer than its VR allows (PS3.5 6.2), which the column could not hold on every
     backend, is a ``DicomInputError`` here rather than a database error later.
     """
-    missing = [kw for kw in _REQUIRED if not ds.get(kw)]
-    if missing:
-        raise DicomInputError(f"dataset {ds.get('SOPInstanceUID', '?')} lacks {', '.join(missing)}")
     file_meta = getattr(ds, "file_meta", None)
     transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    return fields_from_values(ds, transfer_syntax)
+
+
+def fields_from_values(values: Dataset | Mapping[str, Any], transfer_syntax: str | None) -> dict[str, Any]:
+    """:func:`fields_from_dataset` from the attribute values by keyword and the transfer syntax."""
+    uid = values.get("SOPInstanceUID") or "?"
+    missing = [kw for kw in _REQUIRED if not values.get(kw)]
+    if missing:
+        raise DicomInputError(f"dataset {uid} lacks {', '.join(missing)}")
     if not transfer_syntax:
-        raise DicomInputError(f"dataset {ds.SOPInstanceUID} has no Transfer Syntax UID in its file meta")
-    fields: dict[str, Any] = {column: str(ds.get(kw) or "") or None for kw, column in _COPIED.items()}
+        raise DicomInputError(f"dataset {uid} has no Transfer Syntax UID in its file meta")
+    fields: dict[str, Any] = {column: str(values.get(kw) or "") or None for kw, column in _COPIED.items()}
     fields["transfer_syntax_uid"] = str(transfer_syntax)
     for keyword, column in (*_COPIED.items(), ("TransferSyntaxUID", "transfer_syntax_uid")):
-        column_type = Instance.__table__.c[column].type
-        length = column_type.length if isinstance(column_type, String) else None
+        length = _LENGTHS[column]
         if fields[column] is not None and length is not None and len(fields[column]) > length:
             raise DicomInputError(
-                f"dataset {ds.SOPInstanceUID}: {keyword} {fields[column]!r} is longer than {length} characters"
+                f"dataset {uid}: {keyword} {fields[column]!r} is longer than {length} characters"
             )
-    image_type = ds.get("ImageType")
+    image_type = values.get("ImageType")
     if image_type is not None and not isinstance(image_type, str):
         image_type = "\\".join(str(v) for v in image_type)
     fields["image_type"] = image_type or None
-    fields["synthetic"] = str(ds.get("SyntheticData", "")).upper() == "YES"
+    fields["synthetic"] = str(values.get("SyntheticData", "")).upper() == "YES"
     return fields
 
 

@@ -33,6 +33,7 @@ from dicomnode.dataset_checks import (
     check_complete,
 )
 from dicomnode.errors import DicomInputError
+from dicomnode.rules import InstanceFacts
 from dicomnode.scp import DUPLICATE_SOP_INSTANCE
 from dicomnode.scu import send
 from storage.models import Instance
@@ -276,10 +277,11 @@ def test_intake_runs_once_per_new_instance_inside_the_transaction(start_node: Ca
     seen: list[tuple[str, bool, int | None]] = []
     holder: list[Node] = []
 
-    def intake(session: Session, instance: Instance, ds: Dataset) -> None:
+    def intake(session: Session, instance: Instance, facts: InstanceFacts) -> None:
         with holder[0].sessions() as other:  # a second connection must not see the row yet
             committed = other.scalar(select(func.count()).select_from(Instance))
-        seen.append((ds.SOPInstanceUID, session.in_transaction() and instance.id is not None, committed))
+        assert facts.sop_class_uid == instance.sop_class_uid
+        seen.append((instance.sop_instance_uid, session.in_transaction() and instance.id is not None, committed))
 
     holder.append(start_node(intake=intake))
     node = holder[0]
@@ -291,7 +293,7 @@ def test_intake_runs_once_per_new_instance_inside_the_transaction(start_node: Ca
 
 
 def test_a_failing_intake_fails_the_store_and_leaves_nothing(start_node: Callable[..., Node]) -> None:
-    def intake(session: Session, instance: Instance, ds: Dataset) -> None:
+    def intake(session: Session, instance: Instance, facts: InstanceFacts) -> None:
         raise RuntimeError("rule engine broken")
 
     node = start_node(intake=intake)

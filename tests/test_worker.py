@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 
 from dicomnode.config import Settings, load_settings
 from dicomnode.intake import Intake
+from dicomnode.rules import facts_from_dataset
 from dicomnode.worker import SynthesisWorker, backoff_s
 from storage.db import make_engine, session_factory, upgrade
 from storage.instances import fields_from_dataset, record_instance
@@ -36,7 +37,7 @@ def receive(settings: Settings, ds: pydicom.Dataset) -> int:
         fields = fields_from_dataset(ds)
         fields.update(path=stored.path, sha256=stored.sha256, size_bytes=stored.size_bytes)
         row = record_instance(session, origin="received", **fields)
-        Intake(settings)(session, row, ds)
+        Intake(settings)(session, row, facts_from_dataset(ds))
         return row.id
 
 
