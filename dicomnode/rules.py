@@ -289,8 +289,9 @@ def facts_from_dataset(ds: Dataset | Mapping[str, Any]) -> InstanceFacts:
     7.1) when the data set itself lacks it.
     """
     sop_class_uid = _text(ds, "SOPClassUID")
-    if not sop_class_uid and isinstance(getattr(ds, "file_meta", None), Dataset):
-        sop_class_uid = _text(ds.file_meta, "MediaStorageSOPClassUID")
+    file_meta = getattr(ds, "file_meta", None)
+    if not sop_class_uid and isinstance(file_meta, Dataset):
+        sop_class_uid = _text(file_meta, "MediaStorageSOPClassUID")
     equipment = _items(ds, "ContributingEquipmentSequence")
     return InstanceFacts(
         sop_class_uid=sop_class_uid,

@@ -106,7 +106,7 @@ from storage.associations import end_association, record_association
 from storage.durability import FlushError, ingest_commit
 from storage.instances import classify_resend, find_instance, insert_received, replace_file
 from storage.models import Instance
-from storage.store import InstanceStore, StoredFile
+from storage.store import InstanceStore, PlacedFile, StoredFile
 
 logger = logging.getLogger(__name__)
 
@@ -562,11 +562,13 @@ class StorageSCP:
         """Check, write durably, record (with intake) in one transaction, then answer Success."""
         header = file_header(sop_class, sop_instance, transfer_syntax)
         # The header and the data set as received, never joined (no copy of the pixels); synced step
-        # by step, or flushed with the group after the commit. Written (and hashed) on another thread
-        # while this one checks the data set: both release the interpreter lock for most of it.
-        writing = self._writer.submit(self.store.write, (header, body), sync=self._ingest.flush is None)
+        # by step, or flushed with the group after the commit. Written on another thread while this
+        # one checks the data set and hashes it: both release the interpreter lock for most of it.
+        writing = self._writer.submit(self.store.place, (header, body), sync=self._ingest.flush is None)
         try:
             received = check_c_store(body, UID(transfer_syntax), abstract_syntax, sop_class, sop_instance)
+            digest = hashlib.sha256(header)
+            digest.update(body)
         except BaseException:
             self._drop(record, writing)  # refused: the file, never acknowledged, must not stay
             raise
@@ -575,10 +577,11 @@ class StorageSCP:
         # No look-up first: a re-sent UID is rare, and the row's unique SOP Instance UID turns it into
         # a failed insert below, answered from the stored row (one query less per instance).
         try:
-            stored = writing.result()
+            placed = writing.result()
         except StorageError as e:
             logger.error("association %d: cannot store %s: %s", record.id, SOPInstanceUID, e)
             return OUT_OF_RESOURCES, "cannot write the instance to storage"
+        stored = StoredFile(placed.path, digest.hexdigest(), placed.size_bytes)
 
         def record_it(session: Session) -> Instance:
             instance = insert_received(
@@ -680,7 +683,7 @@ class StorageSCP:
             return False
         return len(data) == existing.size_bytes and hashlib.sha256(data).hexdigest() == existing.sha256
 
-    def _drop(self, record: _AssociationRecord, writing: Future[StoredFile]) -> None:
+    def _drop(self, record: _AssociationRecord, writing: Future[PlacedFile]) -> None:
         """Remove what ``writing`` wrote, once it has (nothing if the write failed)."""
         try:
             stored = writing.result()

@@ -80,9 +80,9 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, direct: bool) -> bool:
     return direct
 
 
-def write_parts(fd: int, parts: tuple[bytes | memoryview, ...], digest: Digest) -> int:
+def write_parts(fd: int, parts: tuple[bytes | memoryview, ...], digest: Digest | None = None) -> int:
     """Write ``parts`` one after the other into ``fd`` (opened by :func:`open_direct`), feeding each
-    byte to ``digest``; the bytes written. Raises ``OSError`` as the writes do."""
+    byte to ``digest`` (if any); the bytes written. Raises ``OSError`` as the writes do."""
     buf = _buffer()
     filled = offset = 0
     direct = True
@@ -95,12 +95,14 @@ def write_parts(fd: int, parts: tuple[bytes | memoryview, ...], digest: Digest) 
             filled += n
             i += n
             if filled == CHUNK:
-                digest.update(buf)
+                if digest is not None:
+                    digest.update(buf)
                 direct = _pwrite_all(fd, buf, offset, direct)
                 offset += CHUNK
                 filled = 0
     if filled:
-        digest.update(buf[:filled])
+        if digest is not None:
+            digest.update(buf[:filled])
         whole = filled - filled % ALIGN if direct else 0
         if whole:
             direct = _pwrite_all(fd, buf[:whole], offset, direct)

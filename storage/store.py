@@ -41,6 +41,14 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
+class PlacedFile:
+    """A file :meth:`InstanceStore.place` wrote: where (relative POSIX path) and how many bytes."""
+
+    path: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
 class StoredFile:
     """Where an instance now lies in the store (a relative POSIX path) and what it holds."""
 
@@ -114,7 +122,8 @@ class InstanceStore:
         """Store one Part 10 file (encoded bytes, or a dataset with file meta) durably.
 
         ``data`` may come in parts (a tuple: preamble and File Meta Information, then the data set), written
-        one after the other with ``writev``, so a large data set is never copied to join them.
+        one after the other, so a large data set is never joined in memory. Where the filesystem allows,
+        the bytes go around the page cache (:mod:`storage.direct_io`), else through it with ``writev``.
 
         ``sync=False`` skips the fsyncs of the file and its folders: the file is complete and in place
         but durable only after a flush of its filesystem (:class:`storage.durability.FilesystemFlush`),
@@ -125,7 +134,19 @@ class InstanceStore:
         """
         if isinstance(data, Dataset):
             return self.write_dataset(data)  # durable step by step, as every writer but the SCP
-        parts = data if isinstance(data, tuple) else (bytes(data),)
+        digest = hashlib.sha256()
+        placed = self._place(data if isinstance(data, tuple) else (bytes(data),), sync, digest)
+        stored = StoredFile(placed.path, digest.hexdigest(), placed.size_bytes)
+        logger.debug("stored %d bytes at %s", stored.size_bytes, stored.path)
+        return stored
+
+    def place(self, parts: tuple[bytes | memoryview, ...], sync: bool = True) -> PlacedFile:
+        """:meth:`write` without the hash: for a caller that hashes the bytes itself meanwhile (the
+        Storage SCP, on its association thread while this runs on another)."""
+        return self._place(parts, sync, None)
+
+    def _place(self, parts: tuple[bytes | memoryview, ...], sync: bool, digest: direct_io.Digest | None) -> PlacedFile:
+        """Write ``parts`` into a new file and move it to its final name (:meth:`write`)."""
         _check_part10(parts[0])
         size = sum(len(part) for part in parts)
         free = self.free_bytes()
@@ -139,7 +160,6 @@ class InstanceStore:
         final = self.root.joinpath(*relative.parts)
         temp = final.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}")
         renamed = False
-        digest = hashlib.sha256()
         try:
             self._make_folders(final.parent)  # synced always: once a day, and other writers rely on it
             fd = direct_io.open_direct(temp) if self.direct else None
@@ -154,8 +174,9 @@ class InstanceStore:
                     direct_io.write_parts(fd, parts, digest)
                 else:
                     _write_all(fd, parts)
-                    for part in parts:
-                        digest.update(part)
+                    if digest is not None:
+                        for part in parts:
+                            digest.update(part)
                 if sync:
                     os.fsync(fd)
                 elif not direct:
@@ -173,9 +194,7 @@ class InstanceStore:
             except OSError:
                 logger.exception("could not remove %s after a failed write", leftover)
             raise StorageError(f"writing {size} bytes under {self.root} failed: {e}") from e
-        stored = StoredFile(str(relative), digest.hexdigest(), size)
-        logger.debug("stored %d bytes at %s", stored.size_bytes, stored.path)
-        return stored
+        return PlacedFile(str(relative), size)
 
     def write_dataset(self, ds: Dataset) -> StoredFile:
         """Encode ``ds`` with its File Meta Information (PS3.10 7.1) and store it."""
