@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.config import Settings
 from dicomnode.rules import InstanceFacts, Rule, loop_reason, matching_rules
+from storage.instances import ReceivedRow
 from storage.jobs import enqueue_job
 from storage.models import Instance, Job, utcnow
 
@@ -45,7 +46,7 @@ class Intake:
         self.settings = settings
         self.own_device_uids = own_device_uids
 
-    def __call__(self, session: Session, instance: Instance, facts: InstanceFacts) -> list[Job]:
+    def __call__(self, session: Session, instance: ReceivedRow | Instance, facts: InstanceFacts) -> list[Job]:
         reason = loop_reason(facts, self.settings, self.own_device_uids, self.settings.output.manufacturer)
         if reason:
             logger.info("instance %d stored, not processed: %s", instance.id, reason)

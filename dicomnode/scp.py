@@ -104,7 +104,7 @@ from dicomnode.scp_tls import server_tls_context
 from dicomnode.scu import set_tcp_nodelay
 from storage.associations import end_association, record_association
 from storage.durability import FlushError, ingest_commit
-from storage.instances import classify_resend, find_instance, insert_received, replace_file
+from storage.instances import ReceivedRow, classify_resend, find_instance, insert_received, replace_file
 from storage.models import Instance
 from storage.store import InstanceStore, PlacedFile, StoredFile
 
@@ -134,7 +134,7 @@ TRANSFER_SYNTAXES: tuple[UID, ...] = (
 SUCCESS = 0x0000
 DUPLICATE_SOP_INSTANCE = 0x0111
 
-Intake = Callable[[Session, Instance, InstanceFacts], object]
+Intake = Callable[[Session, ReceivedRow, InstanceFacts], object]
 """Called inside the transaction that records a newly received instance; raising undoes the store.
 
 The facts are the rules' view of the instance's data set (:func:`dicomnode.rules.facts_from_dataset`).
@@ -583,7 +583,7 @@ class StorageSCP:
             return OUT_OF_RESOURCES, "cannot write the instance to storage"
         stored = StoredFile(placed.path, digest.hexdigest(), placed.size_bytes)
 
-        def record_it(session: Session) -> Instance:
+        def record_it(session: Session) -> ReceivedRow:
             instance = insert_received(
                 session,
                 **fields,

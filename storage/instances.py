@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 from pydicom.dataset import Dataset
 from sqlalchemy import String, insert, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from dicomnode.errors import DicomInputError, StorageError
 from storage.models import Instance
@@ -94,22 +97,68 @@ def record_instance(session: Session, **fields: Any) -> Instance:
     return instance
 
 
-_INSERT_RETURNING_ID = insert(Instance).returning(Instance.id)
+@dataclass(frozen=True)
+class ReceivedRow:
+    """The row :func:`insert_received` wrote: its id and the values intake and its callers read."""
+
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
 
 
-def insert_received(session: Session, **fields: Any) -> Instance:
-    """Insert an ``Instance`` row built from ``fields`` with one Core statement; the SCP's hot path.
+class _DriverInsert:
+    """``INSERT INTO instances ... RETURNING id``, compiled once per dialect, run on the session's DBAPI
+    cursor with SQLAlchemy's own bind processors and column defaults: the SCP's hot path, ~0.1 ms of
+    CPU less per instance than a Core ``execute`` and an ORM object (issue #10)."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.columns = [c for c in Instance.__table__.c if c.key != "id"]
+        keys = [c.key for c in self.columns]
+        compiled = cast(SQLCompiler, insert(Instance).returning(Instance.id).compile(dialect=dialect, column_keys=keys))
+        self.sql = str(compiled)
+        self.order = list(compiled.positiontup or []) if dialect.positional else None
+        self.processors = {c.key: c.type.bind_processor(dialect) for c in self.columns}
+        self.defaults = {c.key: c.default for c in self.columns if c.default is not None}
+
+    def parameters(self, fields: dict[str, Any]) -> dict[str, Any] | tuple[Any, ...]:
+        values = dict(fields)
+        for key, default in self.defaults.items():
+            if key not in values:
+                values[key] = default.arg(None) if default.is_callable else default.arg  # type: ignore[attr-defined]
+        for key, process in self.processors.items():
+            value = values.get(key)
+            values[key] = process(value) if process is not None and value is not None else value
+        return tuple(values[key] for key in self.order) if self.order is not None else values
+
+
+_driver_inserts: dict[str, _DriverInsert] = {}
+
+
+def insert_received(session: Session, **fields: Any) -> ReceivedRow:
+    """Insert an ``Instance`` row built from ``fields`` with one driver statement; the SCP's hot path.
 
     The same row as :func:`record_instance` (column defaults included) without the ORM's unit of
-    work, ~0.7 ms of CPU less per received instance. The returned object carries the row's id and
-    values but is not attached to ``session``. Raises ``StorageError`` as :func:`record_instance`.
+    work or a Core statement's execution context. Raises ``StorageError`` as :func:`record_instance`.
     """
+    unknown = set(fields) - set(Instance.__table__.c.keys())
+    if unknown:
+        raise TypeError(f"not columns of instances: {', '.join(sorted(unknown))}")
+    connection = session.connection()
+    dialect = connection.dialect
+    statement = _driver_inserts.get(dialect.name)
+    if statement is None:
+        statement = _driver_inserts[dialect.name] = _DriverInsert(dialect)
     try:
-        row_id = session.connection().execute(_INSERT_RETURNING_ID, fields).scalar_one()
+        row_id = connection.exec_driver_sql(statement.sql, statement.parameters(fields)).scalar_one()  # type: ignore[arg-type]
     except SQLAlchemyError as e:
         uid = fields.get("sop_instance_uid")
         raise StorageError(f"cannot record instance {uid!r}: {getattr(e, 'orig', e)}") from e
-    return Instance(id=row_id, **fields)
+    return ReceivedRow(
+        row_id, fields["sop_instance_uid"], fields["sop_class_uid"], fields["study_instance_uid"],
+        fields["series_instance_uid"],
+    )
 
 
 def replace_file(session: Session, instance_id: int, path: str, sha256: str, size_bytes: int) -> None:

@@ -36,6 +36,7 @@ from dicomnode.errors import DicomInputError
 from dicomnode.rules import InstanceFacts
 from dicomnode.scp import DUPLICATE_SOP_INSTANCE
 from dicomnode.scu import send
+from storage.instances import ReceivedRow
 from storage.models import Instance
 from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, dcmtk_run, node_factory, pydicom_file, wait_until
 from tests.raw_dicom import raw_store
@@ -277,7 +278,7 @@ def test_intake_runs_once_per_new_instance_inside_the_transaction(start_node: Ca
     seen: list[tuple[str, bool, int | None]] = []
     holder: list[Node] = []
 
-    def intake(session: Session, instance: Instance, facts: InstanceFacts) -> None:
+    def intake(session: Session, instance: ReceivedRow, facts: InstanceFacts) -> None:
         with holder[0].sessions() as other:  # a second connection must not see the row yet
             committed = other.scalar(select(func.count()).select_from(Instance))
         assert facts.sop_class_uid == instance.sop_class_uid
@@ -293,7 +294,7 @@ def test_intake_runs_once_per_new_instance_inside_the_transaction(start_node: Ca
 
 
 def test_a_failing_intake_fails_the_store_and_leaves_nothing(start_node: Callable[..., Node]) -> None:
-    def intake(session: Session, instance: Instance, facts: InstanceFacts) -> None:
+    def intake(session: Session, instance: ReceivedRow, facts: InstanceFacts) -> None:
         raise RuntimeError("rule engine broken")
 
     node = start_node(intake=intake)
