@@ -1,4 +1,4 @@
-"""Writing a new file around the page cache (``O_DIRECT``), hashing its bytes on the way.
+"""Writing a new file around the page cache (``O_DIRECT``).
 
 A buffered write copies every byte into the page cache, and the kernel later allocates, writes back
 and finally reclaims those pages: on a node that receives all day the cache is full, and a buffered
@@ -25,17 +25,12 @@ import fcntl
 import mmap
 import os
 import threading
-from typing import Protocol
 
 ALIGN = 4096
 CHUNK = 1 << 20  # per-thread buffer: a 512² image in one write, a 2048² one in eight
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _local = threading.local()
-
-
-class Digest(Protocol):
-    def update(self, data: bytes | memoryview, /) -> None: ...
 
 
 def supported() -> bool:
@@ -62,7 +57,7 @@ def _buffer() -> memoryview:
     return view
 
 
-def _buffered(fd: int) -> None:
+def clear_direct(fd: int) -> None:
     """Clear ``O_DIRECT`` on ``fd``: what is left to write is not a whole block."""
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
@@ -75,14 +70,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, direct: bool) -> bool:
             raise OSError(errno.EIO, "write returned 0 bytes")
         data, offset = data[written:], offset + written
         if data and direct and written % ALIGN:  # the rest is no longer block-aligned
-            _buffered(fd)
+            clear_direct(fd)
             direct = False
     return direct
 
 
-def write_parts(fd: int, parts: tuple[bytes | memoryview, ...], digest: Digest | None = None) -> int:
-    """Write ``parts`` one after the other into ``fd`` (opened by :func:`open_direct`), feeding each
-    byte to ``digest`` (if any); the bytes written. Raises ``OSError`` as the writes do."""
+def write_parts(fd: int, parts: tuple[bytes | memoryview, ...]) -> int:
+    """Write ``parts`` one after the other into ``fd`` (opened by :func:`open_direct`); the bytes
+    written. Raises ``OSError`` as the writes do (``EINVAL``: the filesystem took the flag but not
+    the writes)."""
     buf = _buffer()
     filled = offset = 0
     direct = True
@@ -95,20 +91,16 @@ def write_parts(fd: int, parts: tuple[bytes | memoryview, ...], digest: Digest |
             filled += n
             i += n
             if filled == CHUNK:
-                if digest is not None:
-                    digest.update(buf)
                 direct = _pwrite_all(fd, buf, offset, direct)
                 offset += CHUNK
                 filled = 0
     if filled:
-        if digest is not None:
-            digest.update(buf[:filled])
         whole = filled - filled % ALIGN if direct else 0
         if whole:
             direct = _pwrite_all(fd, buf[:whole], offset, direct)
         if filled > whole:
             if direct:
-                _buffered(fd)
+                clear_direct(fd)
             _pwrite_all(fd, buf[whole:filled], offset + whole, False)
         offset += filled
     return offset

@@ -13,6 +13,7 @@ choose a path in our tree.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -134,8 +135,11 @@ class InstanceStore:
         """
         if isinstance(data, Dataset):
             return self.write_dataset(data)  # durable step by step, as every writer but the SCP
+        parts = data if isinstance(data, tuple) else (bytes(data),)
+        placed = self._place(parts, sync)
         digest = hashlib.sha256()
-        placed = self._place(data if isinstance(data, tuple) else (bytes(data),), sync, digest)
+        for part in parts:
+            digest.update(part)
         stored = StoredFile(placed.path, digest.hexdigest(), placed.size_bytes)
         logger.debug("stored %d bytes at %s", stored.size_bytes, stored.path)
         return stored
@@ -143,9 +147,9 @@ class InstanceStore:
     def place(self, parts: tuple[bytes | memoryview, ...], sync: bool = True) -> PlacedFile:
         """:meth:`write` without the hash: for a caller that hashes the bytes itself meanwhile (the
         Storage SCP, on its association thread while this runs on another)."""
-        return self._place(parts, sync, None)
+        return self._place(parts, sync)
 
-    def _place(self, parts: tuple[bytes | memoryview, ...], sync: bool, digest: direct_io.Digest | None) -> PlacedFile:
+    def _place(self, parts: tuple[bytes | memoryview, ...], sync: bool) -> PlacedFile:
         """Write ``parts`` into a new file and move it to its final name (:meth:`write`)."""
         _check_part10(parts[0])
         size = sum(len(part) for part in parts)
@@ -171,12 +175,9 @@ class InstanceStore:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 if direct:
-                    direct_io.write_parts(fd, parts, digest)
-                else:
+                    direct = self._write_direct(fd, temp, parts)
+                if not direct:
                     _write_all(fd, parts)
-                    if digest is not None:
-                        for part in parts:
-                            digest.update(part)
                 if sync:
                     os.fsync(fd)
                 elif not direct:
@@ -195,6 +196,22 @@ class InstanceStore:
                 logger.exception("could not remove %s after a failed write", leftover)
             raise StorageError(f"writing {size} bytes under {self.root} failed: {e}") from e
         return PlacedFile(str(relative), size)
+
+    def _write_direct(self, fd: int, temp: Path, parts: tuple[bytes | memoryview, ...]) -> bool:
+        """Write ``parts`` direct; False (``fd`` emptied, buffered from now on) where a filesystem that
+        took ``O_DIRECT`` at open refuses the writes (``EINVAL``)."""
+        try:
+            direct_io.write_parts(fd, parts)
+            return True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        self.direct = False
+        logger.info("%s refuses O_DIRECT writes: files are written through the page cache", self.root)
+        direct_io.clear_direct(fd)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return False
 
     def write_dataset(self, ds: Dataset) -> StoredFile:
         """Encode ``ds`` with its File Meta Information (PS3.10 7.1) and store it."""
