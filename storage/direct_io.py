@@ -8,14 +8,16 @@ its input later), so caching them on the way in buys nothing.
 
 ``O_DIRECT`` needs the memory, the file offset and the length aligned to the device's logical block
 (:data:`ALIGN`, 4096 covers 512-byte and 4K devices). The parts of a file are therefore copied through
-one page-aligned buffer per thread (:data:`CHUNK` bytes; a user-space copy is a small fraction of
-the buffered write it replaces) and written whole blocks at a time; the last partial block goes
-through the page cache, with the ``O_DIRECT`` flag cleared. Durability is unchanged: a direct write
-can sit in the device's volatile cache and the file's size and extents are metadata, so the caller
-still fsyncs the file or flushes its filesystem (``syncfs``) before it calls the file stored.
+a page-aligned buffer (:data:`CHUNK` bytes, one per write under way, kept for the next; a user-space
+copy is a small fraction of the buffered write it replaces) and written whole blocks at a time; the
+last partial block goes through the page cache, with the ``O_DIRECT`` flag cleared. Durability is
+unchanged: a direct write can sit in the device's volatile cache and the file's size and extents are
+metadata, so the caller still fsyncs the file or flushes its filesystem (``syncfs``) before it calls
+the file stored.
 
 Where the filesystem refuses ``O_DIRECT`` (``EINVAL``: tmpfs before Linux 6.6, some network and FUSE
-filesystems) :func:`open_direct` returns None and the caller writes buffered, as before.
+filesystems) :func:`open_direct` returns None, or :func:`write_parts` raises ``EINVAL``, and the caller
+writes buffered, as before.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import os
 import threading
 
 ALIGN = 4096
-CHUNK = 1 << 20  # per-thread buffer: a 512² image in one write, a 2048² one in eight
+CHUNK = 1 << 20  # buffer size: a 512² image in one write, a 2048² one in eight
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-_local = threading.local()
+_free: list[memoryview] = []  # buffers not in use: as many as writes ever ran at once
+_free_lock = threading.Lock()
 
 
 def supported() -> bool:
@@ -49,12 +52,16 @@ def open_direct(path: str | os.PathLike[str], mode: int = 0o640) -> int | None:
         raise
 
 
-def _buffer() -> memoryview:
-    view: memoryview | None = getattr(_local, "view", None)
-    if view is None:
-        view = memoryview(mmap.mmap(-1, CHUNK))  # anonymous mappings are page-aligned
-        _local.view = view
-    return view
+def _take_buffer() -> memoryview:
+    with _free_lock:
+        if _free:
+            return _free.pop()
+    return memoryview(mmap.mmap(-1, CHUNK))  # anonymous mappings are page-aligned
+
+
+def _give_back(view: memoryview) -> None:
+    with _free_lock:
+        _free.append(view)
 
 
 def clear_direct(fd: int) -> None:
@@ -79,7 +86,14 @@ def write_parts(fd: int, parts: tuple[bytes | memoryview, ...]) -> int:
     """Write ``parts`` one after the other into ``fd`` (opened by :func:`open_direct`); the bytes
     written. Raises ``OSError`` as the writes do (``EINVAL``: the filesystem took the flag but not
     the writes)."""
-    buf = _buffer()
+    buf = _take_buffer()
+    try:
+        return _write_through(fd, parts, buf)
+    finally:
+        _give_back(buf)
+
+
+def _write_through(fd: int, parts: tuple[bytes | memoryview, ...], buf: memoryview) -> int:
     filled = offset = 0
     direct = True
     for part in parts:

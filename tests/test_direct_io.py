@@ -6,6 +6,7 @@ import errno
 import hashlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,12 @@ def test_a_filesystem_that_takes_o_direct_but_refuses_the_writes_gets_buffered_o
     stored = store.write((data[:200], data[200:]), sync=False)
     assert not store.direct
     assert store.read(stored.path) == data and stored.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_concurrent_writes_each_get_their_own_buffer(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path, 0)
+    datas = [PREAMBLE + os.urandom(direct_io.CHUNK + 1000 * i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        placed = list(pool.map(lambda data: store.place((data,), sync=False), datas * 3))
+    assert [store.read(p.path) for p in placed] == datas * 3
+    assert len(direct_io._free) <= 8  # one buffer per write under way, kept for the next
