@@ -134,6 +134,7 @@ class _DriverInsert:
 
 
 _driver_inserts: dict[str, _DriverInsert] = {}
+_COLUMN_KEYS = frozenset(Instance.__table__.c.keys())
 
 
 def insert_received(session: Session, **fields: Any) -> ReceivedRow:
@@ -142,7 +143,7 @@ def insert_received(session: Session, **fields: Any) -> ReceivedRow:
     The same row as :func:`record_instance` (column defaults included) without the ORM's unit of
     work or a Core statement's execution context. Raises ``StorageError`` as :func:`record_instance`.
     """
-    unknown = set(fields) - set(Instance.__table__.c.keys())
+    unknown = fields.keys() - _COLUMN_KEYS
     if unknown:
         raise TypeError(f"not columns of instances: {', '.join(sorted(unknown))}")
     connection = session.connection()

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import shutil
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.dicom_nodes import Node
 
 
 def free_port() -> int:
@@ -60,3 +65,19 @@ def received_row(session, uid: str):  # type: ignore[no-untyped-def]
         size_bytes=1,
         synthetic=False,
     )
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """``start_node(**options)`` starts an in-process node (:func:`tests.dicom_nodes.node_factory`);
+    all stop when the test ends. A test module may define its own ``node`` or ``start_node``."""
+    from tests.dicom_nodes import node_factory  # it imports this module
+
+    with node_factory(tmp_path) as start:
+        yield start
+
+
+@pytest.fixture
+def node(start_node: Callable[..., Node]) -> Node:
+    """A node on the default options."""
+    return start_node()

@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomnode.console.metrics import ScpMetrics
 from tests.conftest import dcmtk
-from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, dcmtk_run, node_factory, pydicom_file, wait_until
+from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, dcmtk_run, pydicom_file, wait_until
 from tests.raw_dicom import association_request, closed_by_peer, read_pdu
 from tests.test_scp_intake import small_dx
 
@@ -49,17 +49,6 @@ A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RP, A_ABORT = 0x02, 0x03, 0
 RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 # Rejected-transient, service-provider (presentation), local-limit-exceeded (PS3.8 Table 9-21)
 LOCAL_LIMIT_EXCEEDED = b"\x03\x00\x00\x00\x00\x04\x00\x02\x03\x02"
-
-
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    with node_factory(tmp_path) as start:
-        yield start
-
-
-@pytest.fixture
-def node(start_node: Callable[..., Node]) -> Node:
-    return start_node()
 
 
 def dx_file(path: Path, size: int = 64) -> Path:

@@ -38,7 +38,7 @@ from dicomnode.scp import DUPLICATE_SOP_INSTANCE
 from dicomnode.scu import send
 from storage.instances import ReceivedRow
 from storage.models import Instance
-from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, dcmtk_run, node_factory, pydicom_file, wait_until
+from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, dcmtk_run, pydicom_file, wait_until
 from tests.raw_dicom import raw_store
 
 # Real files shipped by pydicom-data, with the storescu option that proposes their own transfer syntax:
@@ -53,17 +53,6 @@ FILES = {
     "image_dfl.dcm": ("-xd",),  # OT, Deflated Explicit VR Little Endian
     "CT_small.dcm": (),  # CT, Explicit VR Little Endian: not a radiograph
 }
-
-
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    with node_factory(tmp_path) as start:
-        yield start
-
-
-@pytest.fixture
-def node(start_node: Callable[..., Node]) -> Node:
-    return start_node()
 
 
 def storescu(node: Node, *files: Path, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -42,22 +42,11 @@ from dicomnode.dataset_checks import (
 from dicomnode.errors import ConfigError
 from dicomnode.log_escape import SingleLineMessages, printable
 from tests.conftest import dcmtk
-from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, node_factory, pydicom_file, wait_until
+from tests.dicom_nodes import AE_TITLE, CALLING, Node, body_of, pydicom_file, wait_until
 from tests.raw_dicom import association_request, closed_by_peer, raw_store, read_pdu
 
 DX = DigitalXRayImageStorageForPresentation
 PIXEL_HEADER = b"\xe0\x7f\x10\x00"
-
-
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    with node_factory(tmp_path) as start:
-        yield start
-
-
-@pytest.fixture
-def node(start_node: Callable[..., Node]) -> Node:
-    return start_node()
 
 
 def small_dx(rows: int = 32, columns: int = 24, bits: int = 16) -> Dataset:

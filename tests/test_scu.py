@@ -23,20 +23,9 @@ from dicomnode.config import PeerSettings, SecuritySettings
 from dicomnode.errors import DeliveryError
 from dicomnode.scu import SendResult, echo, send
 from tests.conftest import dcmtk, free_port
-from tests.dicom_nodes import AE_TITLE, CALLING, Node, dcmtk_run, node_factory, pydicom_file, wait_until
+from tests.dicom_nodes import AE_TITLE, CALLING, Node, dcmtk_run, pydicom_file, wait_until
 
 STORESCP_AE = "STORESCP"
-
-
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    with node_factory(tmp_path) as start:
-        yield start
-
-
-@pytest.fixture
-def node(start_node: Callable[..., Node]) -> Node:
-    return start_node()
 
 
 @pytest.fixture
